@@ -1,0 +1,434 @@
+//! The guest side of a shmhub segment.
+//!
+//! ```no_run
+//! use shm_guest::{ShmGuest, Meta};
+//! let mut guest = ShmGuest::attach_path("/dev/shm/shmhub-example")?;
+//! guest.try_send(Meta::new(1, 42), b"hello host")?;
+//! let mut buf = Vec::new();
+//! if let Some(meta) = guest.try_recv(&mut buf)? {
+//!     println!("host sent type {} with {} bytes", meta.msg_type, buf.len());
+//! }
+//! guest.detach();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shm_primitives::header::HEADER_SIZE;
+use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, Segment};
+pub use shm_primitives::{
+    Direction, HeaderError, Meta, PeerId, PeerState, ShmBacking, Violation, INLINE_CAPACITY,
+};
+
+/// How to attach.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    /// Claim this Reserved entry (and nothing else); `None` claims any Empty entry.
+    pub peer_id: Option<PeerId>,
+    /// How long to wait for the file to appear and the segment to become ready.
+    pub timeout: Duration,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        Self {
+            peer_id: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What happened while attaching.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// The file did not exist at first and attach waited for it.
+    pub waited_for_file: bool,
+    /// The segment was not ready at first and attach waited for it.
+    pub waited_for_ready: bool,
+    /// Time from the call to success.
+    pub elapsed: Duration,
+}
+
+/// Why attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// No file appeared at the path before the timeout.
+    #[error("no segment at the path after {0:?}")]
+    NotFound(Duration),
+    /// The segment did not become ready before the timeout.
+    #[error("segment not ready after {0:?}")]
+    NotReady(Duration),
+    /// The header was refused.
+    #[error("invalid segment: {0}")]
+    Header(#[from] HeaderError),
+    /// The requested id is outside this segment's table.
+    #[error("{0} does not exist in this segment")]
+    NoSuchPeer(PeerId),
+    /// The requested id is not Reserved.
+    #[error("{peer} is not reserved (state {state:?})")]
+    NotReserved {
+        /// The id.
+        peer: PeerId,
+        /// Its state (`None`: not a valid state word).
+        state: Option<PeerState>,
+    },
+    /// No Empty entry is left.
+    #[error("the peer table is full")]
+    TableFull,
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why a send failed. Nothing was published.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The ring to the host is full: retry after it consumes.
+    #[error("ring to the host is full")]
+    WouldBlockRing,
+    /// No free slot: retry after the host consumes.
+    #[error("slot pool to the host is exhausted")]
+    WouldBlockPool,
+    /// The payload is larger than a slot.
+    #[error("payload of {len} bytes exceeds the {max}-byte slot")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Largest payload.
+        max: usize,
+    },
+    /// This guest is no longer attached.
+    #[error(transparent)]
+    Detached(#[from] DetachedError),
+    /// The host left an impossible value in shared memory.
+    #[error("protocol violation by the host: {0}")]
+    Violation(Violation),
+}
+
+impl SendError {
+    /// True for the back-pressure errors a caller should retry.
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, SendError::WouldBlockRing | SendError::WouldBlockPool)
+    }
+}
+
+/// Why a receive failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// This guest is no longer attached.
+    #[error(transparent)]
+    Detached(#[from] DetachedError),
+    /// The host left an impossible value in shared memory.
+    #[error("protocol violation by the host: {0}")]
+    Violation(Violation),
+}
+
+/// The entry no longer belongs to this guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DetachedError {
+    /// The host fenced this guest for a protocol violation (`fault` is the
+    /// violation's code).
+    #[error("fenced by the host (fault code {fault})")]
+    Fenced {
+        /// The code the host wrote.
+        fault: u32,
+    },
+    /// The entry changed hands.
+    #[error("entry is no longer ours (state {state:?}, generation {generation})")]
+    Lost {
+        /// Its state now.
+        state: Option<PeerState>,
+        /// Its generation now.
+        generation: u32,
+    },
+}
+
+/// A guest attached to a segment.
+pub struct ShmGuest {
+    segment: Segment,
+    id: PeerId,
+    generation: u32,
+    outbox: Outbox,
+    inbox: Inbox,
+    report: AttachReport,
+    attached: bool,
+}
+
+impl std::fmt::Debug for ShmGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmGuest")
+            .field("id", &self.id)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShmGuest {
+    /// Attaches to the segment at `path`, claiming any Empty entry.
+    pub fn attach_path(path: impl AsRef<Path>) -> Result<Self, AttachError> {
+        Self::attach_path_with(path, AttachOptions::default())
+    }
+
+    /// Attaches to the segment at `path`, claiming the entry `peer_id` the host
+    /// reserved for this guest, and nothing else.
+    pub fn attach_path_with_id(
+        path: impl AsRef<Path>,
+        peer_id: PeerId,
+    ) -> Result<Self, AttachError> {
+        Self::attach_path_with(
+            path,
+            AttachOptions {
+                peer_id: Some(peer_id),
+                ..AttachOptions::default()
+            },
+        )
+    }
+
+    /// Attaches to the segment at `path` with explicit options.
+    ///
+    /// Waits (up to `options.timeout`) for the file to exist and for the segment to be
+    /// published, validates the header against the real file length, maps exactly the
+    /// size the header records, then claims an entry.
+    // shm[impl shm.file.attach]
+    pub fn attach_path_with(
+        path: impl AsRef<Path>,
+        options: AttachOptions,
+    ) -> Result<Self, AttachError> {
+        let start = Instant::now();
+        let deadline = start + options.timeout;
+        let mut report = AttachReport::default();
+        let file = open_waiting(path.as_ref(), deadline, &mut report, options.timeout)?;
+        let io = |op| move |source| AttachError::Io { op, source };
+        let file_len = file.metadata().map_err(io("fstat segment"))?.len();
+        if file_len < HEADER_SIZE as u64 {
+            return Err(HeaderError::ShorterThanHeader { file_len }.into());
+        }
+        // Map the header alone first: nothing past it is trusted until it validates.
+        let head_map = MmapRegion::map(file.try_clone().map_err(io("dup"))?, HEADER_SIZE)
+            .map_err(io("mmap header"))?;
+        let header = Segment::header_of(head_map.region())?;
+        header.check_magic()?;
+        if !header.is_ready() {
+            report.waited_for_ready = true;
+            if !header.wait_ready(deadline) {
+                return Err(AttachError::NotReady(options.timeout));
+            }
+        }
+        let layout = header.validate(file_len)?;
+        drop(head_map);
+        let map = MmapRegion::map(file, layout.total_size as usize).map_err(io("mmap segment"))?;
+        let mut guest = Self::attach_backing(ShmBacking::Mmap(Arc::new(map)), options)?;
+        report.elapsed = start.elapsed();
+        guest.report = report;
+        Ok(guest)
+    }
+
+    /// Attaches to a segment this process already has in memory (a heap-backed host's
+    /// `ShmHost::backing()`, or a mapping made by the caller).
+    pub fn attach_backing(
+        backing: ShmBacking,
+        options: AttachOptions,
+    ) -> Result<Self, AttachError> {
+        let start = Instant::now();
+        let header = Segment::header_of(backing.region())?;
+        header.check_magic()?;
+        let mut report = AttachReport::default();
+        if !header.is_ready() {
+            report.waited_for_ready = true;
+            if !header.wait_ready(start + options.timeout) {
+                return Err(AttachError::NotReady(options.timeout));
+            }
+        }
+        let segment = Segment::attach(backing)?;
+        let (id, generation) = claim(&segment, options.peer_id)?;
+        report.elapsed = start.elapsed();
+        Ok(Self {
+            segment,
+            id,
+            generation,
+            outbox: Outbox::new(),
+            inbox: Inbox::new(),
+            report,
+            attached: true,
+        })
+    }
+
+    /// This guest's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The generation of the entry this guest holds.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// What happened while attaching.
+    pub fn attach_report(&self) -> AttachReport {
+        self.report
+    }
+
+    /// The segment's random 128-bit id.
+    pub fn segment_id(&self) -> [u64; 2] {
+        self.segment.header().segment_id()
+    }
+
+    /// The largest payload one message can carry.
+    pub fn max_payload(&self) -> usize {
+        self.segment.layout().config.slot_size as usize
+    }
+
+    /// Checks that our entry is still Attached with our generation.
+    fn check_attached(&self) -> Result<(), DetachedError> {
+        let entry = self.segment.peer(self.id).expect("validated id");
+        match entry.load() {
+            Ok(w) if w.state == PeerState::Attached && w.generation == self.generation => Ok(()),
+            other => {
+                let fault = entry.fault.load(Ordering::Relaxed);
+                if fault != 0 {
+                    return Err(DetachedError::Fenced { fault });
+                }
+                let raw = entry.state_word.load(Ordering::Relaxed);
+                Err(DetachedError::Lost {
+                    state: other.ok().map(|w| w.state),
+                    generation: (raw >> 32) as u32,
+                })
+            }
+        }
+    }
+
+    /// Sends one message to the host: inline when it fits in the descriptor, otherwise
+    /// through a slot. Never blocks; back-pressure is a `WouldBlock` error.
+    pub fn try_send(&mut self, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
+        self.check_attached()?;
+        let ring = self
+            .segment
+            .ring(self.id, Direction::ToHost)
+            .expect("validated id");
+        let pool = self
+            .segment
+            .pool(self.id, Direction::ToHost)
+            .expect("validated id");
+        self.outbox
+            .send(&ring, &pool, meta, payload)
+            .map_err(|e| match e {
+                ChannelSendError::RingFull => SendError::WouldBlockRing,
+                ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
+                ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+                ChannelSendError::Violation(v) => SendError::Violation(v),
+            })
+    }
+
+    /// Receives one message from the host into `buf` (replacing its contents), or
+    /// `None` when there is none.
+    pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
+        self.check_attached()?;
+        let ring = self
+            .segment
+            .ring(self.id, Direction::ToGuest)
+            .expect("validated id");
+        let pool = self
+            .segment
+            .pool(self.id, Direction::ToGuest)
+            .expect("validated id");
+        self.inbox
+            .recv(&ring, &pool, buf)
+            .map_err(RecvError::Violation)
+    }
+
+    /// Leaves the segment: Attached -> Goodbye, this guest's last write. The host
+    /// delivers what this guest already sent, then recycles the entry.
+    // shm[impl shm.peer.detach]
+    pub fn detach(mut self) {
+        self.goodbye();
+    }
+
+    fn goodbye(&mut self) {
+        if std::mem::take(&mut self.attached) {
+            if let Some(entry) = self.segment.peer(self.id) {
+                entry.goodbye(self.generation);
+            }
+        }
+    }
+}
+
+impl Drop for ShmGuest {
+    fn drop(&mut self) {
+        self.goodbye();
+    }
+}
+
+fn open_waiting(
+    path: &Path,
+    deadline: Instant,
+    report: &mut AttachReport,
+    timeout: Duration,
+) -> Result<File, AttachError> {
+    let mut backoff = Duration::from_micros(200);
+    loop {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                report.waited_for_file = true;
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(AttachError::NotFound(timeout));
+                }
+                // Bounded poll: the file appears by rename/link, which no fd can wait on
+                // portably; the slice shrinks to the deadline.
+                std::thread::sleep(backoff.min(deadline - now));
+                backoff = (backoff * 2).min(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(AttachError::Io {
+                    op: "open segment",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Claims `wanted` (which must be Reserved) or any Empty entry.
+// shm[impl shm.peer.attach-path]
+// shm[impl shm.peer.attach-reserved]
+fn claim(segment: &Segment, wanted: Option<PeerId>) -> Result<(PeerId, u32), AttachError> {
+    let pid = std::process::id();
+    if let Some(peer) = wanted {
+        let entry = segment.peer(peer).ok_or(AttachError::NoSuchPeer(peer))?;
+        return match entry.try_claim(PeerState::Reserved, pid) {
+            Ok(generation) => Ok((peer, generation)),
+            Err(word) => Err(AttachError::NotReserved {
+                peer,
+                state: word.map(|w| w.state),
+            }),
+        };
+    }
+    let n = segment.layout().config.max_guests as usize;
+    for index in 0..n {
+        let peer = PeerId::from_index(index).expect("index < 255");
+        let entry = segment.peer(peer).expect("in range");
+        if let Ok(generation) = entry.try_claim(PeerState::Empty, pid) {
+            return Ok((peer, generation));
+        }
+    }
+    Err(AttachError::TableFull)
+}

@@ -1,0 +1,198 @@
+//! Building a segment file and installing it at its public path.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::CreateError;
+
+/// Mode of every segment file: owner read/write only.
+pub const SEGMENT_MODE: u32 = 0o600;
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> CreateError {
+    move |source| CreateError::Io { op, source }
+}
+
+/// A freshly created file under a temporary name in the target directory; removed on
+/// drop unless [`install`](TempSegment::install) moved it into place.
+pub struct TempSegment {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempSegment {
+    /// Creates `.<name>.<pid>.<random>.tmp` next to `target` with O_CREAT|O_EXCL and
+    /// mode 0600, takes the owner's exclusive lock on it, sizes it and reserves its
+    /// space so a full tmpfs fails here and never as a SIGBUS later.
+    // shm[impl shm.file.create]
+    // shm[impl shm.file.permissions]
+    pub fn create(target: &Path, size: u64) -> Result<Self, CreateError> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| CreateError::InvalidPath(target.to_path_buf()))?;
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let [r, _] = shm_primitives::random_u64x2();
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.{r:016x}.tmp", std::process::id()));
+        let path = dir.join(tmp_name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(SEGMENT_MODE)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io_err("create temporary segment file"))?;
+        let tmp = Self {
+            path,
+            file: Some(file),
+        };
+        let file = tmp.file();
+        // The umask can only narrow the mode given at open; set it exactly anyway.
+        file.set_permissions(std::fs::Permissions::from_mode(SEGMENT_MODE))
+            .map_err(io_err("fchmod"))?;
+        lock_exclusive(file).map_err(io_err("flock segment"))?;
+        file.set_len(size).map_err(io_err("ftruncate"))?;
+        reserve(file, size)?;
+        Ok(tmp)
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("present until install")
+    }
+
+    /// Moves the (fully built and published) file to `target`. A file already at
+    /// `target` is replaced only if no live host holds its lock; the check and the
+    /// replacement happen under that lock so two hosts can never both win.
+    // shm[impl shm.file.create]
+    // shm[impl shm.file.stale]
+    pub fn install(mut self, target: &Path) -> Result<File, CreateError> {
+        for _ in 0..64 {
+            match File::open(target) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // link() fails if someone else installed first: no silent replace.
+                    match std::fs::hard_link(&self.path, target) {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&self.path);
+                            return Ok(self.file.take().expect("present"));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(io_err("link segment into place")(e)),
+                    }
+                }
+                Err(e) => return Err(io_err("open existing segment")(e)),
+                Ok(old) => {
+                    if !try_lock_exclusive(&old).map_err(io_err("flock existing segment"))? {
+                        return Err(CreateError::InUse(target.to_path_buf()));
+                    }
+                    // We hold the old owner's lock: it is dead. Replace it only if the
+                    // path still names the inode we locked.
+                    let locked = old.metadata().map_err(io_err("fstat"))?;
+                    match std::fs::metadata(target) {
+                        Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+                            std::fs::rename(&self.path, target)
+                                .map_err(io_err("rename segment into place"))?;
+                            return Ok(self.file.take().expect("present"));
+                        }
+                        _ => continue,
+                    }
+                }
+            }
+        }
+        Err(CreateError::InUse(target.to_path_buf()))
+    }
+}
+
+impl Drop for TempSegment {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    if try_lock_exclusive(file)? {
+        Ok(())
+    } else {
+        Err(io::Error::from(io::ErrorKind::WouldBlock))
+    }
+}
+
+/// Non-blocking `flock(LOCK_EX)`; `Ok(false)` when another open file holds it.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a valid fd has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Reserves `size` bytes of backing store so later page faults cannot fail.
+// shm[impl shm.file.reserve-space]
+fn reserve(file: &File, size: u64) -> Result<(), CreateError> {
+    let len = libc::off_t::try_from(size).map_err(|_| CreateError::NoSpace { size })?;
+    // SAFETY: posix_fallocate on a valid fd has no memory effects.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(CreateError::NoSpace { size }),
+        // Filesystems without fallocate: the size is set, pages are allocated on touch.
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(CreateError::Io {
+            op: "posix_fallocate",
+            source: io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+/// The public file of a live segment, removed when the host drops it.
+#[derive(Debug)]
+pub struct InstalledPath {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl InstalledPath {
+    /// Records `path` as naming the inode of `file`.
+    pub fn new(path: PathBuf, file: &File) -> io::Result<Self> {
+        let m = file.metadata()?;
+        Ok(Self {
+            path,
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for InstalledPath {
+    // shm[impl shm.file.cleanup]
+    fn drop(&mut self) {
+        // Remove the path only while it still names our inode.
+        if let Ok(m) = std::fs::metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}

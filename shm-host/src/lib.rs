@@ -1,0 +1,440 @@
+//! The host side of a shmhub segment.
+//!
+//! ```no_run
+//! use shm_host::{ShmHost, SegmentConfig, Meta};
+//! let mut host = ShmHost::create("/dev/shm/shmhub-example", SegmentConfig::default())?;
+//! let peer = host.reserve_peer()?; // hand `peer` to the guest you are about to start
+//! let mut buf = Vec::new();
+//! if let Some(msg) = host.try_recv(&mut buf)? {
+//!     host.try_send(msg.from, Meta::new(1, msg.meta.user_id), &buf)?;
+//! }
+//! # let _ = peer;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod file;
+mod peers;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment};
+pub use shm_primitives::{
+    Direction, HeapRegion, LayoutError, Meta, PeerId, PeerState, SegmentConfig, ShmBacking,
+    Violation, INLINE_CAPACITY,
+};
+
+pub use file::SEGMENT_MODE;
+use file::{InstalledPath, TempSegment};
+use peers::HostPeer;
+pub use peers::{PeerInfo, PeerStats};
+
+/// Why a segment could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The configuration cannot produce a segment.
+    #[error("invalid configuration: {0}")]
+    Layout(#[from] LayoutError),
+    /// The path has no file name.
+    #[error("invalid segment path {0:?}")]
+    InvalidPath(PathBuf),
+    /// Not enough room in the filesystem (a full /dev/shm).
+    #[error("no space for a {size}-byte segment")]
+    NoSpace {
+        /// Bytes the segment needs.
+        size: u64,
+    },
+    /// A live host owns a segment at this path.
+    #[error("segment {0:?} is owned by a live host")]
+    InUse(PathBuf),
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why a message was not sent. Nothing was published.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No such entry in this segment.
+    #[error("{0} does not exist in this segment")]
+    NoSuchPeer(PeerId),
+    /// The peer is not attached.
+    #[error("{peer} is not attached (state {state:?})")]
+    NotAttached {
+        /// The peer.
+        peer: PeerId,
+        /// Its state.
+        state: PeerState,
+    },
+    /// The peer was fenced for a protocol violation.
+    #[error("{peer} is fenced: {violation} (rule {})", violation.rule())]
+    Fenced {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        violation: Violation,
+    },
+    /// The peer's ring is full: retry after it consumes (back-pressure, not loss).
+    #[error("ring to {0} is full")]
+    WouldBlockRing(PeerId),
+    /// No free slot in the pool towards the peer: retry after it consumes.
+    #[error("slot pool towards {0} is exhausted")]
+    WouldBlockPool(PeerId),
+    /// The payload is larger than a slot.
+    #[error("payload of {len} bytes exceeds the {max}-byte slot")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Largest payload.
+        max: usize,
+    },
+}
+
+impl SendError {
+    /// True for the back-pressure errors a caller should retry.
+    pub fn is_would_block(&self) -> bool {
+        matches!(
+            self,
+            SendError::WouldBlockRing(_) | SendError::WouldBlockPool(_)
+        )
+    }
+}
+
+/// Why a receive failed: one peer broke the protocol and was fenced. Other peers are
+/// unaffected; call `try_recv` again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{peer} fenced: {violation} (rule {})", violation.rule())]
+pub struct RecvError {
+    /// The peer.
+    pub peer: PeerId,
+    /// What it did.
+    pub violation: Violation,
+}
+
+/// Why a reservation or release failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// Every entry is in use.
+    #[error("the peer table is full")]
+    TableFull,
+    /// No such entry in this segment.
+    #[error("{0} does not exist in this segment")]
+    NoSuchPeer(PeerId),
+    /// The entry is not in the state the operation needs.
+    #[error("{peer} is {state:?}")]
+    WrongState {
+        /// The peer.
+        peer: PeerId,
+        /// Its state.
+        state: Option<PeerState>,
+    },
+}
+
+/// A message received by the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The guest that sent it.
+    pub from: PeerId,
+    /// Its header.
+    pub meta: Meta,
+}
+
+/// The host of a segment: creates it, reserves peer ids, and exchanges messages with
+/// every attached guest.
+pub struct ShmHost {
+    segment: Segment,
+    peers: Vec<HostPeer>,
+    next_recv: usize,
+    installed: Option<InstalledPath>,
+}
+
+impl Drop for ShmHost {
+    fn drop(&mut self) {
+        // Unlink the public path while we still hold the owner lock (held by the
+        // mapping's fd, dropped with `segment` afterwards).
+        self.installed.take();
+    }
+}
+
+impl ShmHost {
+    /// Creates a file-backed segment at `path` (conventionally under `/dev/shm`).
+    ///
+    /// The segment is built under a temporary name in the same directory and moved
+    /// into place only once it is complete and published, so no guest ever sees a
+    /// half-built file at `path`. A file at `path` whose host is alive is refused
+    /// ([`CreateError::InUse`]); one whose host died is replaced by a new inode (any
+    /// process still mapping the old one keeps its bytes).
+    // shm[impl shm.file.create]
+    // shm[impl shm.topology.host]
+    pub fn create(path: impl AsRef<Path>, config: SegmentConfig) -> Result<Self, CreateError> {
+        let path = path.as_ref();
+        let layout = config.layout()?;
+        let tmp = TempSegment::create(path, layout.total_size)?;
+        let file = tmp.file().try_clone().map_err(|source| CreateError::Io {
+            op: "dup segment fd",
+            source,
+        })?;
+        let map = MmapRegion::map(file, layout.total_size as usize).map_err(|source| {
+            CreateError::Io {
+                op: "mmap segment",
+                source,
+            }
+        })?;
+        let segment = init_segment(ShmBacking::Mmap(Arc::new(map)), config)?;
+        segment.publish();
+        let file = tmp.install(path)?;
+        let installed =
+            InstalledPath::new(path.to_path_buf(), &file).map_err(|source| CreateError::Io {
+                op: "fstat segment",
+                source,
+            })?;
+        Ok(Self::new(segment, Some(installed)))
+    }
+
+    /// Creates a heap-backed segment for guests in this process
+    /// ([`ShmHost::backing`] gives them the memory).
+    pub fn create_heap(config: SegmentConfig) -> Result<Self, CreateError> {
+        let layout = config.layout()?;
+        let heap = HeapRegion::new_zeroed(layout.total_size as usize).map_err(|source| {
+            CreateError::Io {
+                op: "allocate heap segment",
+                source,
+            }
+        })?;
+        let segment = init_segment(ShmBacking::Heap(Arc::new(heap)), config)?;
+        segment.publish();
+        Ok(Self::new(segment, None))
+    }
+
+    fn new(segment: Segment, installed: Option<InstalledPath>) -> Self {
+        let n = segment.layout().config.max_guests as usize;
+        Self {
+            segment,
+            peers: (0..n).map(|_| HostPeer::default()).collect(),
+            next_recv: 0,
+            installed,
+        }
+    }
+
+    /// The public path of a file-backed segment.
+    pub fn path(&self) -> Option<&Path> {
+        self.installed.as_ref().map(|i| i.path())
+    }
+
+    /// The memory of the segment, for in-process guests (`ShmGuest::attach_backing`).
+    pub fn backing(&self) -> ShmBacking {
+        self.segment.backing().clone()
+    }
+
+    /// The limits the segment was created with.
+    pub fn config(&self) -> SegmentConfig {
+        self.segment.layout().config
+    }
+
+    /// The segment's random 128-bit id.
+    pub fn segment_id(&self) -> [u64; 2] {
+        self.segment.header().segment_id()
+    }
+
+    /// The largest payload one message can carry.
+    pub fn max_payload(&self) -> usize {
+        self.config().slot_size as usize
+    }
+
+    fn id_checked(&self, peer: PeerId) -> Option<usize> {
+        self.segment.contains(peer).then(|| peer.index())
+    }
+
+    /// Reserves an Empty entry for a guest the host is about to start; the guest
+    /// attaches with `ShmGuest::attach_path_with_id(path, id)`.
+    // shm[impl shm.peer.reserve]
+    pub fn reserve_peer(&mut self) -> Result<PeerId, PeerError> {
+        for index in 0..self.peers.len() {
+            let id = PeerId::from_index(index).expect("index < 255");
+            let entry = self.segment.peer(id).expect("in range");
+            if entry.try_reserve().is_some() {
+                return Ok(id);
+            }
+        }
+        Err(PeerError::TableFull)
+    }
+
+    /// Returns a reservation no guest claimed to Empty (with a new generation).
+    // shm[impl shm.peer.release-reservation]
+    pub fn release_reservation(&mut self, peer: PeerId) -> Result<(), PeerError> {
+        let entry = self.segment.peer(peer).ok_or(PeerError::NoSuchPeer(peer))?;
+        if entry.release_reservation() {
+            Ok(())
+        } else {
+            Err(PeerError::WrongState {
+                peer,
+                state: entry.load().ok().map(|w| w.state),
+            })
+        }
+    }
+
+    /// State, generation and counters of one peer entry.
+    // shm[impl shm.host.peer-state]
+    pub fn peer_info(&self, peer: PeerId) -> Option<PeerInfo> {
+        let index = self.id_checked(peer)?;
+        let entry = self.segment.peer(peer)?;
+        Some(self.peers[index].info(entry))
+    }
+
+    /// Ids of the entries currently in state Attached.
+    pub fn attached_peers(&self) -> Vec<PeerId> {
+        (0..self.peers.len())
+            .filter_map(PeerId::from_index)
+            .filter(|&id| {
+                let word = self.segment.peer(id).and_then(|e| e.load().ok());
+                word.is_some_and(|w| w.state == PeerState::Attached)
+            })
+            .collect()
+    }
+
+    /// Sends one message to `peer`: inline when the payload fits in the descriptor
+    /// (`INLINE_CAPACITY` bytes), otherwise through a slot. Never blocks; a full ring
+    /// or pool is a `WouldBlock` error and nothing is published.
+    pub fn try_send(&mut self, peer: PeerId, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
+        let index = self.id_checked(peer).ok_or(SendError::NoSuchPeer(peer))?;
+        let entry = self.segment.peer(peer).expect("in range");
+        let hp = &mut self.peers[index];
+        let word = match hp.observe(entry) {
+            Ok(w) => w,
+            Err(violation) => return Err(SendError::Fenced { peer, violation }),
+        };
+        if word.state != PeerState::Attached {
+            return Err(SendError::NotAttached {
+                peer,
+                state: word.state,
+            });
+        }
+        let ring = self
+            .segment
+            .ring(peer, Direction::ToGuest)
+            .expect("in range");
+        let pool = self
+            .segment
+            .pool(peer, Direction::ToGuest)
+            .expect("in range");
+        match hp.outbox.send(&ring, &pool, meta, payload) {
+            Ok(()) => {
+                hp.stats.sent += 1;
+                Ok(())
+            }
+            Err(ChannelSendError::RingFull) => Err(SendError::WouldBlockRing(peer)),
+            Err(ChannelSendError::PoolExhausted) => Err(SendError::WouldBlockPool(peer)),
+            Err(ChannelSendError::TooLarge { len, max }) => Err(SendError::TooLarge { len, max }),
+            Err(ChannelSendError::Violation(violation)) => {
+                hp.fence(entry, word.generation, violation);
+                Err(SendError::Fenced { peer, violation })
+            }
+        }
+    }
+
+    /// Receives one message from any guest into `buf` (replacing its contents).
+    ///
+    /// Guests are served round-robin, starting after the one served last, so a busy
+    /// guest cannot starve the others. Returns `Ok(None)` when no guest has anything.
+    /// Entries whose guest said goodbye are recycled once their messages are drained.
+    /// A guest that broke the protocol is fenced and reported once as `Err`; the call
+    /// can be repeated at once for the others.
+    // shm[impl shm.host.fair-recv]
+    pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
+        let n = self.peers.len();
+        for k in 0..n {
+            let index = (self.next_recv + k) % n;
+            let peer = PeerId::from_index(index).expect("index < 255");
+            let entry = self.segment.peer(peer).expect("in range");
+            let hp = &mut self.peers[index];
+            if hp.fenced.is_some() {
+                continue;
+            }
+            let word = hp
+                .observe(entry)
+                .map_err(|violation| RecvError { peer, violation })?;
+            if !matches!(word.state, PeerState::Attached | PeerState::Goodbye) {
+                continue;
+            }
+            let ring = self
+                .segment
+                .ring(peer, Direction::ToHost)
+                .expect("in range");
+            let pool = self
+                .segment
+                .pool(peer, Direction::ToHost)
+                .expect("in range");
+            match hp.inbox.recv(&ring, &pool, buf) {
+                Ok(Some(meta)) => {
+                    hp.stats.received += 1;
+                    self.next_recv = (index + 1) % n;
+                    return Ok(Some(Received { from: peer, meta }));
+                }
+                Ok(None) if word.state == PeerState::Goodbye => {
+                    peers::recycle(&self.segment, peer, hp, word.generation);
+                }
+                Ok(None) => {}
+                Err(violation) => {
+                    hp.fence(entry, word.generation, violation);
+                    return Err(RecvError { peer, violation });
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Recycles every entry whose guest said goodbye and whose messages to the host
+    /// are all delivered; returns how many were recycled. `try_recv` does this too.
+    // shm[impl shm.peer.recycle]
+    pub fn maintain(&mut self) -> usize {
+        let mut recycled = 0;
+        for index in 0..self.peers.len() {
+            let peer = PeerId::from_index(index).expect("index < 255");
+            let entry = self.segment.peer(peer).expect("in range");
+            let hp = &mut self.peers[index];
+            if hp.fenced.is_some() {
+                continue;
+            }
+            let Ok(word) = hp.observe(entry) else {
+                continue;
+            };
+            if word.state != PeerState::Goodbye {
+                continue;
+            }
+            let ring = self
+                .segment
+                .ring(peer, Direction::ToHost)
+                .expect("in range");
+            match hp.inbox.pending(&ring) {
+                Ok(0) => {
+                    peers::recycle(&self.segment, peer, hp, word.generation);
+                    recycled += 1;
+                }
+                Ok(_) => {}
+                Err(violation) => hp.fence(entry, word.generation, violation),
+            }
+        }
+        recycled
+    }
+}
+
+fn init_segment(backing: ShmBacking, config: SegmentConfig) -> Result<Segment, CreateError> {
+    Segment::init(
+        backing,
+        config,
+        shm_primitives::random_u64x2(),
+        std::process::id(),
+    )
+    .map_err(|e| match e {
+        InitError::Layout(l) => CreateError::Layout(l),
+        InitError::TooSmall { need, .. } => CreateError::NoSpace { size: need },
+    })
+}

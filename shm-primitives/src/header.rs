@@ -1,0 +1,342 @@
+//! The segment header: the first 256 bytes of every segment.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::layout::{SegmentConfig, SegmentLayout};
+
+/// Size of the header in bytes.
+pub const HEADER_SIZE: usize = 256;
+/// `b"SHMHUB\0\x01"` read as a little-endian u64.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
+/// Current layout and protocol version.
+pub const VERSION: u32 = 1;
+/// Incompatible feature bits this build understands (an attacher refuses any other).
+pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
+/// Compatible feature bits this build understands (others are ignored).
+pub const KNOWN_COMPAT_FEATURES: u64 = 0;
+/// `ready` value while the creator is still building the segment.
+pub const READY_BUILDING: u32 = 0;
+/// `ready` value once the segment is fully initialised.
+pub const READY_PUBLISHED: u32 = 1;
+
+/// The segment header, exactly as laid out in the spec (`shm.header.layout`).
+///
+/// Every field is an atomic so that a `&SegmentHeader` over shared memory is sound.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SegmentHeader {
+    /// `MAGIC`.
+    pub magic: AtomicU64,
+    /// `VERSION`.
+    pub version: AtomicU32,
+    /// `HEADER_SIZE`.
+    pub header_size: AtomicU32,
+    /// Total bytes of the segment.
+    pub total_size: AtomicU64,
+    /// Feature bits an attacher must understand.
+    pub incompat_features: AtomicU64,
+    /// Feature bits an attacher may ignore.
+    pub compat_features: AtomicU64,
+    /// Random 128-bit segment id (two little-endian words).
+    pub segment_id: [AtomicU64; 2],
+    /// Number of peer entries.
+    pub max_guests: AtomicU32,
+    /// Descriptors per ring.
+    pub ring_capacity: AtomicU32,
+    /// Bytes per slot.
+    pub slot_size: AtomicU32,
+    /// Slots per pool.
+    pub slots_per_pool: AtomicU32,
+    /// Offset of the peer table.
+    pub peer_table_offset: AtomicU64,
+    /// Length of the peer table.
+    pub peer_table_len: AtomicU64,
+    /// Offset of the first guest area.
+    pub guest_areas_offset: AtomicU64,
+    /// Length of all guest areas.
+    pub guest_areas_len: AtomicU64,
+    /// Distance between guest areas.
+    pub guest_area_stride: AtomicU64,
+    /// Process id of the creator.
+    pub host_pid: AtomicU32,
+    /// Readiness word: `READY_BUILDING` then `READY_PUBLISHED` (Release, last).
+    pub ready: AtomicU32,
+    /// Number of attachers that went to sleep waiting for `ready`.
+    pub ready_waiters: AtomicU32,
+    /// Reserved, zero.
+    pub _reserved0: AtomicU32,
+    /// Reserved, zero.
+    pub _reserved: [AtomicU64; 16],
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<SegmentHeader>() == HEADER_SIZE);
+    assert!(offset_of!(SegmentHeader, magic) == 0);
+    assert!(offset_of!(SegmentHeader, version) == 8);
+    assert!(offset_of!(SegmentHeader, header_size) == 12);
+    assert!(offset_of!(SegmentHeader, total_size) == 16);
+    assert!(offset_of!(SegmentHeader, incompat_features) == 24);
+    assert!(offset_of!(SegmentHeader, compat_features) == 32);
+    assert!(offset_of!(SegmentHeader, segment_id) == 40);
+    assert!(offset_of!(SegmentHeader, max_guests) == 56);
+    assert!(offset_of!(SegmentHeader, ring_capacity) == 60);
+    assert!(offset_of!(SegmentHeader, slot_size) == 64);
+    assert!(offset_of!(SegmentHeader, slots_per_pool) == 68);
+    assert!(offset_of!(SegmentHeader, peer_table_offset) == 72);
+    assert!(offset_of!(SegmentHeader, peer_table_len) == 80);
+    assert!(offset_of!(SegmentHeader, guest_areas_offset) == 88);
+    assert!(offset_of!(SegmentHeader, guest_areas_len) == 96);
+    assert!(offset_of!(SegmentHeader, guest_area_stride) == 104);
+    assert!(offset_of!(SegmentHeader, host_pid) == 112);
+    assert!(offset_of!(SegmentHeader, ready) == 116);
+    assert!(offset_of!(SegmentHeader, ready_waiters) == 120);
+    assert!(offset_of!(SegmentHeader, _reserved) == 128);
+};
+
+/// Why a segment header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The file is shorter than a header.
+    #[error("file is {file_len} bytes, shorter than the {HEADER_SIZE}-byte header")]
+    ShorterThanHeader {
+        /// Bytes in the file.
+        file_len: u64,
+    },
+    /// Not a shmhub segment.
+    #[error("bad magic {found:#018x}")]
+    BadMagic {
+        /// What the file holds.
+        found: u64,
+    },
+    /// A version this build does not speak.
+    #[error("unsupported version {found} (this build speaks {VERSION})")]
+    UnsupportedVersion {
+        /// What the file holds.
+        found: u32,
+    },
+    /// A header size other than `HEADER_SIZE`.
+    #[error("header size {found} (expected {HEADER_SIZE})")]
+    HeaderSize {
+        /// What the file holds.
+        found: u32,
+    },
+    /// Incompatible feature bits this build does not understand.
+    #[error("unknown incompatible feature bits {unknown:#x}")]
+    UnknownIncompatFeatures {
+        /// The unknown bits.
+        unknown: u64,
+    },
+    /// The file is shorter than the header's total size.
+    #[error("file is {file_len} bytes but the header says {total_size}")]
+    FileTooShort {
+        /// Bytes in the file.
+        file_len: u64,
+        /// What the header records.
+        total_size: u64,
+    },
+    /// A section ends past the segment's end (or its end overflows).
+    #[error("section {section} at {offset}+{len} lies outside the {total_size}-byte segment")]
+    SectionOutOfBounds {
+        /// Which section.
+        section: &'static str,
+        /// Its recorded offset.
+        offset: u64,
+        /// Its recorded length.
+        len: u64,
+        /// The segment's total size.
+        total_size: u64,
+    },
+    /// The limits are out of range.
+    #[error("invalid limits: {0}")]
+    Limits(#[from] crate::layout::LayoutError),
+    /// A recorded offset or length disagrees with what the limits imply.
+    #[error("field {field} is {found}, the limits imply {expected}")]
+    LayoutMismatch {
+        /// Which field.
+        field: &'static str,
+        /// What the header records.
+        found: u64,
+        /// What the limits imply.
+        expected: u64,
+    },
+}
+
+impl SegmentHeader {
+    /// Writes every field but `ready` (which stays `READY_BUILDING`).
+    ///
+    /// The creator calls this on fresh zeroed memory, then [`publish`](Self::publish).
+    // shm[impl shm.header.layout]
+    // shm[impl shm.header.segment-id]
+    pub fn init(&self, layout: &SegmentLayout, segment_id: [u64; 2], host_pid: u32) {
+        let r = Ordering::Relaxed;
+        let c = &layout.config;
+        self.magic.store(MAGIC, r);
+        self.version.store(VERSION, r);
+        self.header_size.store(HEADER_SIZE as u32, r);
+        self.total_size.store(layout.total_size, r);
+        self.incompat_features.store(KNOWN_INCOMPAT_FEATURES, r);
+        self.compat_features.store(KNOWN_COMPAT_FEATURES, r);
+        self.segment_id[0].store(segment_id[0], r);
+        self.segment_id[1].store(segment_id[1], r);
+        self.max_guests.store(c.max_guests, r);
+        self.ring_capacity.store(c.ring_capacity, r);
+        self.slot_size.store(c.slot_size, r);
+        self.slots_per_pool.store(c.slots_per_pool, r);
+        self.peer_table_offset.store(layout.peer_table_offset, r);
+        self.peer_table_len.store(layout.peer_table_len, r);
+        self.guest_areas_offset.store(layout.guest_areas_offset, r);
+        self.guest_areas_len.store(layout.guest_areas_len, r);
+        self.guest_area_stride.store(layout.guest_area_stride, r);
+        self.host_pid.store(host_pid, r);
+    }
+
+    /// Publishes the segment: a Release store of `READY_PUBLISHED` after everything
+    /// else is written, then a shared-futex wake of any attacher sleeping on it.
+    // shm[impl shm.header.ready]
+    pub fn publish(&self) {
+        // SeqCst (a Release at least) so the store is ordered before the waiter check.
+        self.ready.store(READY_PUBLISHED, Ordering::SeqCst);
+        if self.ready_waiters.load(Ordering::SeqCst) != 0 {
+            crate::futex::wake_all(&self.ready);
+        }
+    }
+
+    /// Acquire-loads the readiness word.
+    // shm[impl shm.header.ready]
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == READY_PUBLISHED
+    }
+
+    /// Waits until the segment is published or `deadline` passes; returns whether it
+    /// is ready. Sleeps on the readiness word with a shared futex (in bounded slices,
+    /// re-checking each time), counted in `ready_waiters` so the creator knows to wake.
+    // shm[impl shm.attach.wait-ready]
+    pub fn wait_ready(&self, deadline: Instant) -> bool {
+        if self.is_ready() {
+            return true;
+        }
+        self.ready_waiters.fetch_add(1, Ordering::SeqCst);
+        let ready = loop {
+            if self.ready.load(Ordering::SeqCst) == READY_PUBLISHED {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            crate::futex::wait(&self.ready, READY_BUILDING, slice);
+        };
+        self.ready_waiters.fetch_sub(1, Ordering::SeqCst);
+        // Acquire so the creator's initialisation is visible to the caller.
+        ready && self.is_ready()
+    }
+
+    /// The segment's random id.
+    pub fn segment_id(&self) -> [u64; 2] {
+        [
+            self.segment_id[0].load(Ordering::Relaxed),
+            self.segment_id[1].load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Checks the magic only (before waiting for readiness: a foreign file is refused
+    /// at once instead of after the readiness timeout).
+    // shm[impl shm.header.magic]
+    pub fn check_magic(&self) -> Result<(), HeaderError> {
+        let found = self.magic.load(Ordering::Acquire);
+        if found != MAGIC {
+            return Err(HeaderError::BadMagic { found });
+        }
+        Ok(())
+    }
+
+    /// Validates a published header against the real file length and returns the
+    /// layout it describes. Call only after [`is_ready`](Self::is_ready) returned true.
+    // shm[impl shm.header.version]
+    // shm[impl shm.header.features]
+    // shm[impl shm.header.sections]
+    pub fn validate(&self, file_len: u64) -> Result<SegmentLayout, HeaderError> {
+        let a = Ordering::Acquire;
+        self.check_magic()?;
+        let version = self.version.load(a);
+        if version != VERSION {
+            return Err(HeaderError::UnsupportedVersion { found: version });
+        }
+        let header_size = self.header_size.load(a);
+        if header_size as usize != HEADER_SIZE {
+            return Err(HeaderError::HeaderSize { found: header_size });
+        }
+        let unknown = self.incompat_features.load(a) & !KNOWN_INCOMPAT_FEATURES;
+        if unknown != 0 {
+            return Err(HeaderError::UnknownIncompatFeatures { unknown });
+        }
+        let total_size = self.total_size.load(a);
+        if total_size > file_len {
+            return Err(HeaderError::FileTooShort {
+                file_len,
+                total_size,
+            });
+        }
+        let sections = [
+            (
+                "peer_table",
+                self.peer_table_offset.load(a),
+                self.peer_table_len.load(a),
+            ),
+            (
+                "guest_areas",
+                self.guest_areas_offset.load(a),
+                self.guest_areas_len.load(a),
+            ),
+        ];
+        for (section, offset, len) in sections {
+            let fits = offset
+                .checked_add(len)
+                .is_some_and(|end| offset >= HEADER_SIZE as u64 && end <= total_size);
+            if !fits {
+                return Err(HeaderError::SectionOutOfBounds {
+                    section,
+                    offset,
+                    len,
+                    total_size,
+                });
+            }
+        }
+        let config = SegmentConfig {
+            max_guests: self.max_guests.load(a),
+            ring_capacity: self.ring_capacity.load(a),
+            slot_size: self.slot_size.load(a),
+            slots_per_pool: self.slots_per_pool.load(a),
+        };
+        let layout = config.layout()?;
+        let checks = [
+            ("total_size", total_size, layout.total_size),
+            ("peer_table_offset", sections[0].1, layout.peer_table_offset),
+            ("peer_table_len", sections[0].2, layout.peer_table_len),
+            (
+                "guest_areas_offset",
+                sections[1].1,
+                layout.guest_areas_offset,
+            ),
+            ("guest_areas_len", sections[1].2, layout.guest_areas_len),
+            (
+                "guest_area_stride",
+                self.guest_area_stride.load(a),
+                layout.guest_area_stride,
+            ),
+        ];
+        for (field, found, expected) in checks {
+            if found != expected {
+                return Err(HeaderError::LayoutMismatch {
+                    field,
+                    found,
+                    expected,
+                });
+            }
+        }
+        Ok(layout)
+    }
+}

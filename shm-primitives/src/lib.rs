@@ -1,0 +1,69 @@
+//! Regions and the shared `repr(C)` structures of a shmhub segment.
+//!
+//! Layouts here are normative copies of the tables in `spec/`; the `const` assertions
+//! next to each structure and the layout tests keep the two in step.
+
+#![warn(missing_docs)]
+
+pub mod channel;
+pub mod desc;
+pub mod futex;
+pub mod header;
+pub mod layout;
+pub mod peer;
+pub mod region;
+pub mod ring;
+pub mod segment;
+pub mod slot;
+pub mod violation;
+
+pub use channel::{ChannelSendError, Inbox, Outbox};
+pub use desc::{Meta, INLINE_CAPACITY};
+pub use header::HeaderError;
+pub use layout::{Direction, LayoutError, SegmentConfig, SegmentLayout};
+pub use peer::{PeerId, PeerState, PeerWord};
+pub use region::{HeapRegion, MmapRegion, Region, ShmBacking};
+pub use segment::{InitError, Segment};
+pub use violation::Violation;
+
+/// 16 random bytes from the kernel, for segment ids and temporary names.
+pub fn random_u64x2() -> [u64; 2] {
+    let mut buf = [0u8; 16];
+    #[cfg(target_os = "linux")]
+    {
+        let mut filled = 0;
+        while filled < buf.len() {
+            // SAFETY: writes at most buf.len() - filled bytes into buf[filled..].
+            let n = unsafe {
+                libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0)
+            };
+            if n <= 0 {
+                break;
+            }
+            filled += n as usize;
+        }
+        if filled == buf.len() {
+            return [
+                u64::from_le_bytes(buf[..8].try_into().unwrap()),
+                u64::from_le_bytes(buf[8..].try_into().unwrap()),
+            ];
+        }
+    }
+    // Fallback: time and pid mixed through std's randomly keyed hasher.
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u64; 2];
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        h.write_usize(i);
+        *o = h.finish();
+    }
+    buf.fill(0);
+    out
+}

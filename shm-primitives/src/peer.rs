@@ -1,0 +1,231 @@
+//! The peer table: one 64-byte entry per guest, holding its state and generation.
+
+use std::fmt;
+use std::num::NonZeroU8;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Size of a peer entry (one cache line).
+pub const PEER_ENTRY_SIZE: usize = 64;
+
+/// A guest's id: 1..=255. Entry `id - 1` of the peer table belongs to it; 0 is the
+/// host's own id and never names a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(NonZeroU8);
+
+impl PeerId {
+    /// `None` for 0.
+    pub fn new(id: u8) -> Option<Self> {
+        NonZeroU8::new(id).map(Self)
+    }
+
+    /// The id from a 0-based table index (`index + 1`); `None` past 254.
+    pub fn from_index(index: usize) -> Option<Self> {
+        u8::try_from(index + 1).ok().and_then(Self::new)
+    }
+
+    /// The id as a number, 1..=255.
+    pub fn get(self) -> u8 {
+        self.0.get()
+    }
+
+    /// The 0-based table index.
+    pub fn index(self) -> usize {
+        usize::from(self.0.get()) - 1
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer {}", self.0)
+    }
+}
+
+/// States of a peer entry (`shm.peer.states`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PeerState {
+    /// Free for any guest to claim.
+    Empty = 0,
+    /// Held by the host for one particular guest it is about to start.
+    Reserved = 1,
+    /// A guest is attached.
+    Attached = 2,
+    /// The guest has left (or was fenced); the host has not recycled the entry yet.
+    Goodbye = 3,
+}
+
+impl PeerState {
+    fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => PeerState::Empty,
+            1 => PeerState::Reserved,
+            2 => PeerState::Attached,
+            3 => PeerState::Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// A peer entry's state word decoded: state and generation, or the raw bits when the
+/// state is not one of the four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerWord {
+    /// The state.
+    pub state: PeerState,
+    /// The generation: bumped each time the host returns the entry to Empty.
+    pub generation: u32,
+}
+
+/// The state word held a value that is not a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("peer state word {raw:#018x} holds no valid state")]
+pub struct InvalidPeerWord {
+    /// The raw word.
+    pub raw: u64,
+}
+
+fn pack(state: PeerState, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | state as u64
+}
+
+fn unpack(raw: u64) -> Result<PeerWord, InvalidPeerWord> {
+    match PeerState::from_raw(raw as u32) {
+        Some(state) => Ok(PeerWord {
+            state,
+            generation: (raw >> 32) as u32,
+        }),
+        None => Err(InvalidPeerWord { raw }),
+    }
+}
+
+/// One peer table entry, exactly as the spec's table (`shm.peer.entry-layout`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct PeerEntry {
+    /// `generation << 32 | state`; every transition is a CAS on this word.
+    pub state_word: AtomicU64,
+    /// The attached guest's process id (informational).
+    pub guest_pid: AtomicU32,
+    /// Why the host fenced this guest (0 = not fenced); see `Violation::code`.
+    pub fault: AtomicU32,
+    /// Reserved, zero.
+    pub _reserved: [AtomicU64; 6],
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<PeerEntry>() == PEER_ENTRY_SIZE);
+    assert!(offset_of!(PeerEntry, state_word) == 0);
+    assert!(offset_of!(PeerEntry, guest_pid) == 8);
+    assert!(offset_of!(PeerEntry, fault) == 12);
+    assert!(offset_of!(PeerEntry, _reserved) == 16);
+};
+
+impl PeerEntry {
+    /// Acquire-loads and decodes the state word.
+    pub fn load(&self) -> Result<PeerWord, InvalidPeerWord> {
+        unpack(self.state_word.load(Ordering::Acquire))
+    }
+
+    fn transition(&self, from: PeerWord, to: PeerWord) -> bool {
+        self.state_word
+            .compare_exchange(
+                pack(from.state, from.generation),
+                pack(to.state, to.generation),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Host: Empty(g) -> Reserved(g). Returns the generation on success.
+    // shm[impl shm.peer.reserve]
+    pub fn try_reserve(&self) -> Option<u32> {
+        let cur = self.load().ok()?;
+        if cur.state != PeerState::Empty {
+            return None;
+        }
+        let to = PeerWord {
+            state: PeerState::Reserved,
+            ..cur
+        };
+        self.transition(cur, to).then_some(cur.generation)
+    }
+
+    /// Host: Reserved(g) -> Empty(g+1), for a reservation no guest claimed.
+    // shm[impl shm.peer.release-reservation]
+    pub fn release_reservation(&self) -> bool {
+        match self.load() {
+            Ok(cur) if cur.state == PeerState::Reserved => self.transition(
+                cur,
+                PeerWord {
+                    state: PeerState::Empty,
+                    generation: cur.generation.wrapping_add(1),
+                },
+            ),
+            _ => false,
+        }
+    }
+
+    /// Guest: `from`(g) -> Attached(g) where `from` is Empty (attach by path) or
+    /// Reserved (attach with a reserved id). Records the guest's pid on success.
+    // shm[impl shm.peer.attach-path]
+    // shm[impl shm.peer.attach-reserved]
+    pub fn try_claim(&self, from: PeerState, pid: u32) -> Result<u32, Option<PeerWord>> {
+        let cur = self.load().map_err(|_| None)?;
+        if cur.state != from {
+            return Err(Some(cur));
+        }
+        let to = PeerWord {
+            state: PeerState::Attached,
+            ..cur
+        };
+        if self.transition(cur, to) {
+            self.fault.store(0, Ordering::Relaxed);
+            self.guest_pid.store(pid, Ordering::Relaxed);
+            Ok(cur.generation)
+        } else {
+            Err(self.load().ok())
+        }
+    }
+
+    /// Guest: Attached(g) -> Goodbye(g), the guest's last write to the segment.
+    // shm[impl shm.peer.detach]
+    pub fn goodbye(&self, generation: u32) -> bool {
+        self.transition(
+            PeerWord {
+                state: PeerState::Attached,
+                generation,
+            },
+            PeerWord {
+                state: PeerState::Goodbye,
+                generation,
+            },
+        )
+    }
+
+    /// Host: Goodbye(g) -> Empty(g+1), after the guest's rings and pools are reset.
+    // shm[impl shm.peer.recycle]
+    pub fn recycle(&self, generation: u32) -> bool {
+        self.guest_pid.store(0, Ordering::Relaxed);
+        self.transition(
+            PeerWord {
+                state: PeerState::Goodbye,
+                generation,
+            },
+            PeerWord {
+                state: PeerState::Empty,
+                generation: generation.wrapping_add(1),
+            },
+        )
+    }
+
+    /// Host: records `fault` and forces the entry to Goodbye(g), whatever the guest
+    /// wrote into it.
+    // shm[impl shm.untrusted.fence]
+    pub fn fence(&self, generation: u32, fault: u32) {
+        self.fault.store(fault, Ordering::Relaxed);
+        self.state_word
+            .store(pack(PeerState::Goodbye, generation), Ordering::Release);
+    }
+}

@@ -1,0 +1,217 @@
+//! Single-producer single-consumer descriptor rings.
+//!
+//! Each side keeps its own counter in private memory and only ever *stores* it to the
+//! shared header; the other side's counter is the only shared index it *loads*, and it
+//! is validated before use (`shm.ring.validate`). Counters are monotonic u64 that wrap;
+//! the depth is `tail.wrapping_sub(head)`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::desc::{Descriptor, DESC_WORDS};
+use crate::violation::Violation;
+
+/// Size of a ring header: the producer's line then the consumer's line.
+pub const RING_HEADER_SIZE: usize = 128;
+
+/// A ring header exactly as the spec's table (`shm.ring.layout`): `tail` alone on the
+/// producer's cache line, `head` alone on the consumer's.
+#[repr(C)]
+#[derive(Debug)]
+pub struct RingHeader {
+    /// Producer counter: descriptors published so far.
+    pub tail: AtomicU64,
+    /// Reserved (producer line), zero.
+    pub _producer_reserved: [AtomicU64; 7],
+    /// Consumer counter: descriptors consumed so far.
+    pub head: AtomicU64,
+    /// Reserved (consumer line), zero.
+    pub _consumer_reserved: [AtomicU64; 7],
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<RingHeader>() == RING_HEADER_SIZE);
+    assert!(offset_of!(RingHeader, tail) == 0);
+    assert!(offset_of!(RingHeader, head) == 64);
+};
+
+/// A ring in shared memory: its header and `capacity` descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct RingView<'a> {
+    header: &'a RingHeader,
+    descs: &'a [AtomicU64],
+    capacity: u32,
+}
+
+impl<'a> RingView<'a> {
+    /// A view over a header and its descriptor words.
+    ///
+    /// Panics if `capacity` is not a power of two or `descs` does not hold exactly
+    /// `capacity` descriptors; both come from a validated layout, never from peers.
+    pub fn new(header: &'a RingHeader, descs: &'a [AtomicU64], capacity: u32) -> Self {
+        assert!(capacity.is_power_of_two());
+        assert_eq!(descs.len(), capacity as usize * DESC_WORDS);
+        Self {
+            header,
+            descs,
+            capacity,
+        }
+    }
+
+    /// Descriptors the ring holds.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn slot(&self, pos: u64) -> &'a [AtomicU64] {
+        let i = (pos & u64::from(self.capacity - 1)) as usize * DESC_WORDS;
+        &self.descs[i..i + DESC_WORDS]
+    }
+
+    /// Depth from a trusted producer counter and the shared consumer counter,
+    /// validated; used by the producer side for accounting.
+    pub fn depth_from(&self, tail: u64) -> Result<u32, Violation> {
+        let head = self.header.head.load(Ordering::Acquire);
+        check_distance(head, tail, self.capacity)
+    }
+
+    /// Zeroes both counters. Only for the host, when no guest uses the ring.
+    // shm[impl shm.slot.reclaim]
+    pub fn reset(&self) {
+        self.header.head.store(0, Ordering::Relaxed);
+        self.header.tail.store(0, Ordering::Release);
+    }
+}
+
+fn check_distance(head: u64, tail: u64, capacity: u32) -> Result<u32, Violation> {
+    let depth = tail.wrapping_sub(head);
+    if depth > u64::from(capacity) {
+        return Err(Violation::RingIndex {
+            head,
+            tail,
+            capacity,
+        });
+    }
+    Ok(depth as u32)
+}
+
+/// Why a push failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// `capacity` descriptors are in flight.
+    Full,
+    /// The consumer's counter is impossible.
+    Violation(Violation),
+}
+
+/// The producer's private state for one ring.
+#[derive(Debug, Default, Clone)]
+pub struct Producer {
+    tail: u64,
+    head_cache: u64,
+}
+
+impl Producer {
+    /// A producer for a ring whose counters are zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The private producer counter.
+    pub fn tail(&self) -> u64 {
+        self.tail
+    }
+
+    /// Whether one more descriptor fits, refreshing the cached consumer counter only
+    /// when the cache says the ring is full.
+    // shm[impl shm.ring.full]
+    pub fn has_space(&mut self, ring: &RingView<'_>) -> Result<bool, Violation> {
+        if self.tail.wrapping_sub(self.head_cache) < u64::from(ring.capacity) {
+            return Ok(true);
+        }
+        // (P1) Acquire-load head: the consumer's reads of the entries it released
+        // happen before we overwrite them.
+        let head = ring.header.head.load(Ordering::Acquire);
+        let depth = check_distance(head, self.tail, ring.capacity)?;
+        self.head_cache = head;
+        Ok(depth < ring.capacity)
+    }
+
+    /// Publishes `desc` (its `seq` is set to the position it lands at).
+    // shm[impl shm.ring.produce]
+    pub fn push(&mut self, ring: &RingView<'_>, mut desc: Descriptor) -> Result<(), PushError> {
+        if !self.has_space(ring).map_err(PushError::Violation)? {
+            return Err(PushError::Full);
+        }
+        desc.seq = self.tail;
+        // (P2) Relaxed stores of the 8 descriptor words.
+        for (cell, word) in ring.slot(self.tail).iter().zip(desc.encode()) {
+            cell.store(word, Ordering::Relaxed);
+        }
+        // (P3) Release-store the new tail: publishes the descriptor words above.
+        self.tail = self.tail.wrapping_add(1);
+        ring.header.tail.store(self.tail, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The consumer's private state for one ring.
+#[derive(Debug, Default, Clone)]
+pub struct Consumer {
+    head: u64,
+    tail_cache: u64,
+}
+
+impl Consumer {
+    /// A consumer for a ring whose counters are zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the next descriptor without consuming it, or `None` when the ring is
+    /// empty. Only the shared tail is loaded, and only when the cache says empty.
+    // shm[impl shm.ring.consume]
+    // shm[impl shm.ring.validate]
+    pub fn peek(&mut self, ring: &RingView<'_>) -> Result<Option<Descriptor>, Violation> {
+        if self.head == self.tail_cache {
+            // (C1) Acquire-load tail: pairs with P3, so the descriptor words are
+            // visible.
+            let tail = ring.header.tail.load(Ordering::Acquire);
+            check_distance(self.head, tail, ring.capacity)?;
+            self.tail_cache = tail;
+            if tail == self.head {
+                return Ok(None);
+            }
+        }
+        // (C2) Relaxed loads of the 8 descriptor words.
+        let mut words = [0u64; DESC_WORDS];
+        for (w, cell) in words.iter_mut().zip(ring.slot(self.head)) {
+            *w = cell.load(Ordering::Relaxed);
+        }
+        let desc = Descriptor::decode(&words).map_err(|k| Violation::DescKind { kind: k.0 })?;
+        if desc.seq != self.head {
+            return Err(Violation::DescSequence {
+                expected: self.head,
+                found: desc.seq,
+            });
+        }
+        Ok(Some(desc))
+    }
+
+    /// Descriptors published but not consumed, from the validated shared tail.
+    pub fn pending(&mut self, ring: &RingView<'_>) -> Result<u32, Violation> {
+        let tail = ring.header.tail.load(Ordering::Acquire);
+        let depth = check_distance(self.head, tail, ring.capacity)?;
+        self.tail_cache = tail;
+        Ok(depth)
+    }
+
+    /// Consumes the descriptor last returned by `peek`.
+    // shm[impl shm.ring.consume]
+    pub fn advance(&mut self, ring: &RingView<'_>) {
+        // (C3) Release-store head: our reads of the entry happen before the producer
+        // reuses it (pairs with P1).
+        self.head = self.head.wrapping_add(1);
+        ring.header.head.store(self.head, Ordering::Release);
+    }
+}
