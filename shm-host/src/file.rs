@@ -9,6 +9,22 @@ use std::path::{Path, PathBuf};
 
 use crate::CreateError;
 
+/// Directory segments live in by convention.
+pub const SEGMENT_DIR: &str = "/dev/shm";
+/// File-name prefix of every segment made by [`segment_path`].
+pub const SEGMENT_PREFIX: &str = "shmhub-";
+
+/// The conventional path of the segment called `name`: `/dev/shm/shmhub-<name>`.
+/// `name` must be non-empty, must not start with '.', and must not contain '/' or NUL.
+// shm[impl shm.file.path]
+pub fn segment_path(name: &str) -> Result<PathBuf, CreateError> {
+    let bad = name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']);
+    if bad {
+        return Err(CreateError::InvalidPath(PathBuf::from(name)));
+    }
+    Ok(Path::new(SEGMENT_DIR).join(format!("{SEGMENT_PREFIX}{name}")))
+}
+
 /// Mode of every segment file: owner read/write only.
 pub const SEGMENT_MODE: u32 = 0o600;
 

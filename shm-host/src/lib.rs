@@ -27,7 +27,7 @@ pub use shm_primitives::{
     Violation, INLINE_CAPACITY,
 };
 
-pub use file::SEGMENT_MODE;
+pub use file::{segment_path, SEGMENT_DIR, SEGMENT_MODE, SEGMENT_PREFIX};
 use file::{InstalledPath, TempSegment};
 use peers::HostPeer;
 pub use peers::{PeerInfo, PeerStats};
@@ -378,6 +378,7 @@ impl ShmHost {
                     self.next_recv = (index + 1) % n;
                     return Ok(Some(Received { from: peer, meta }));
                 }
+                // shm[impl shm.delivery.to-host]: recycle only once drained.
                 Ok(None) if word.state == PeerState::Goodbye => {
                     peers::recycle(&self.segment, peer, hp, word.generation);
                 }

@@ -110,6 +110,7 @@ impl SegmentConfig {
     // shm[impl shm.layout.guest-area]
     pub fn layout(&self) -> Result<SegmentLayout, LayoutError> {
         let c = *self;
+        // shm[impl shm.topology.max-guests]
         if c.max_guests == 0 || c.max_guests > MAX_GUESTS {
             return Err(LayoutError::MaxGuests(c.max_guests));
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// Size of a peer entry (one cache line).
 pub const PEER_ENTRY_SIZE: usize = 64;
 
+// shm[impl shm.topology.peer-id]
 /// A guest's id: 1..=255. Entry `id - 1` of the peer table belongs to it; 0 is the
 /// host's own id and never names a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +41,7 @@ impl fmt::Display for PeerId {
     }
 }
 
+// shm[impl shm.peer.states]
 /// States of a peer entry (`shm.peer.states`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -98,6 +100,7 @@ fn unpack(raw: u64) -> Result<PeerWord, InvalidPeerWord> {
     }
 }
 
+// shm[impl shm.peer.entry-layout]
 /// One peer table entry, exactly as the spec's table (`shm.peer.entry-layout`).
 #[repr(C)]
 #[derive(Debug)]

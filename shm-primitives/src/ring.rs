@@ -13,6 +13,7 @@ use crate::violation::Violation;
 /// Size of a ring header: the producer's line then the consumer's line.
 pub const RING_HEADER_SIZE: usize = 128;
 
+// shm[impl shm.ring.layout]
 /// A ring header exactly as the spec's table (`shm.ring.layout`): `tail` alone on the
 /// producer's cache line, `head` alone on the consumer's.
 #[repr(C)]

@@ -150,3 +150,351 @@ fn atomic_slice(region: Region<'_>, offset: usize, n: usize) -> Option<&[AtomicU
     // all access through it is atomic.
     Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), n) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::desc::Meta;
+    use crate::header::SegmentHeader as H;
+    use crate::peer::{PeerEntry as P, PeerState};
+    use crate::region::HeapRegion;
+    use crate::ring::{Consumer, Producer, PushError, RingHeader as R};
+    use crate::slot::SlotState;
+    use crate::violation::Violation;
+    use crate::{Inbox, Outbox};
+
+    fn heap_segment(config: SegmentConfig) -> Segment {
+        let len = config.layout().unwrap().total_size as usize;
+        let heap = HeapRegion::new_zeroed(len).unwrap();
+        let seg = Segment::init(ShmBacking::Heap(Arc::new(heap)), config, [1, 2], 7).unwrap();
+        seg.publish();
+        seg
+    }
+
+    fn id(n: u8) -> PeerId {
+        PeerId::new(n).unwrap()
+    }
+
+    // The tables in spec/02-segment.md, spec/03-peers.md, spec/04-rings.md and
+    // spec/05-slots.md, field by field.
+    // shm[verify shm.header.layout]
+    // shm[verify shm.peer.entry-layout]
+    // shm[verify shm.ring.layout]
+    // shm[verify shm.slot.layout]
+    #[test]
+    fn structs_match_the_spec_tables() {
+        let header: &[(usize, usize)] = &[
+            (offset_of!(H, magic), 0),
+            (offset_of!(H, version), 8),
+            (offset_of!(H, header_size), 12),
+            (offset_of!(H, total_size), 16),
+            (offset_of!(H, incompat_features), 24),
+            (offset_of!(H, compat_features), 32),
+            (offset_of!(H, segment_id), 40),
+            (offset_of!(H, max_guests), 56),
+            (offset_of!(H, ring_capacity), 60),
+            (offset_of!(H, slot_size), 64),
+            (offset_of!(H, slots_per_pool), 68),
+            (offset_of!(H, peer_table_offset), 72),
+            (offset_of!(H, peer_table_len), 80),
+            (offset_of!(H, guest_areas_offset), 88),
+            (offset_of!(H, guest_areas_len), 96),
+            (offset_of!(H, guest_area_stride), 104),
+            (offset_of!(H, host_pid), 112),
+            (offset_of!(H, ready), 116),
+            (offset_of!(H, ready_waiters), 120),
+            (offset_of!(H, _reserved), 128),
+            (size_of::<H>(), 256),
+        ];
+        for (i, (got, want)) in header.iter().enumerate() {
+            assert_eq!(got, want, "header row {i}");
+        }
+        assert_eq!(crate::header::MAGIC.to_le_bytes(), *b"SHMHUB\0\x01");
+        assert_eq!(offset_of!(P, state_word), 0);
+        assert_eq!(offset_of!(P, guest_pid), 8);
+        assert_eq!(offset_of!(P, fault), 12);
+        assert_eq!(offset_of!(P, _reserved), 16);
+        assert_eq!(size_of::<P>(), 64);
+        assert_eq!(offset_of!(R, tail), 0);
+        assert_eq!(offset_of!(R, head), 64);
+        assert_eq!(size_of::<R>(), 128);
+        assert_eq!(crate::slot::SLOT_META_SIZE, 8);
+        assert_eq!(
+            [
+                SlotState::Free,
+                SlotState::Loaned,
+                SlotState::Sent,
+                SlotState::Received
+            ]
+            .map(|s| s as u32),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(
+            [
+                PeerState::Empty,
+                PeerState::Reserved,
+                PeerState::Attached,
+                PeerState::Goodbye
+            ]
+            .map(|s| s as u32),
+            [0, 1, 2, 3]
+        );
+    }
+
+    // shm[verify shm.topology.peer-id]
+    #[test]
+    fn peer_ids_are_1_to_255_and_index_the_table() {
+        assert!(PeerId::new(0).is_none());
+        assert_eq!(PeerId::new(1).unwrap().index(), 0);
+        assert_eq!(PeerId::new(255).unwrap().index(), 254);
+        assert_eq!(PeerId::from_index(254).unwrap().get(), 255);
+        assert!(PeerId::from_index(255).is_none());
+        let seg = heap_segment(SegmentConfig {
+            max_guests: 2,
+            ..SegmentConfig::default()
+        });
+        assert!(seg.peer(id(2)).is_some());
+        assert!(seg.peer(id(3)).is_none(), "past max_guests");
+        assert!(seg.ring(id(3), Direction::ToGuest).is_none());
+    }
+
+    // shm[verify shm.peer.states]
+    #[test]
+    fn peer_transitions_follow_the_state_machine() {
+        let seg = heap_segment(SegmentConfig::default());
+        let e = seg.peer(id(1)).unwrap();
+        assert_eq!(e.try_reserve(), Some(0));
+        assert_eq!(e.try_reserve(), None, "only Empty can be reserved");
+        assert!(
+            e.try_claim(PeerState::Empty, 1).is_err(),
+            "reserved is not Empty"
+        );
+        assert_eq!(e.try_claim(PeerState::Reserved, 42), Ok(0));
+        assert!(!e.release_reservation(), "attached is not Reserved");
+        assert!(!e.recycle(0), "only Goodbye is recycled");
+        assert!(e.goodbye(0));
+        assert!(!e.goodbye(0), "goodbye only once");
+        assert!(e.recycle(0));
+        let w = e.load().unwrap();
+        assert_eq!((w.state, w.generation), (PeerState::Empty, 1));
+        e.state_word.store(7, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(e.load().unwrap_err().raw, 7);
+    }
+
+    #[test]
+    fn ring_wraps_many_times_in_order() {
+        let seg = heap_segment(SegmentConfig {
+            ring_capacity: 4,
+            ..SegmentConfig::default()
+        });
+        let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
+        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let mut buf = Vec::new();
+        for round in 0..50u64 {
+            for i in 0..3u64 {
+                let n = round * 3 + i;
+                let payload = vec![n as u8; (n as usize * 37) % 200];
+                tx.send(&ring, &pool, Meta::new(1, n), &payload).unwrap();
+            }
+            for i in 0..3u64 {
+                let n = round * 3 + i;
+                let meta = rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+                assert_eq!(meta.user_id, n);
+                assert_eq!(buf, vec![n as u8; (n as usize * 37) % 200]);
+            }
+            assert_eq!(rx.recv(&ring, &pool, &mut buf).unwrap(), None);
+        }
+        assert_eq!(pool.usage().in_use, 0);
+    }
+
+    // shm[verify shm.ring.full]
+    // shm[verify shm.slot.exhausted]
+    #[test]
+    fn full_ring_and_empty_pool_are_errors_not_drops() {
+        let seg = heap_segment(SegmentConfig {
+            ring_capacity: 4,
+            slots_per_pool: 2,
+            ..SegmentConfig::default()
+        });
+        let ring = seg.ring(id(1), Direction::ToHost).unwrap();
+        let pool = seg.pool(id(1), Direction::ToHost).unwrap();
+        let mut tx = Outbox::new();
+        let big = [9u8; 100];
+        tx.send(&ring, &pool, Meta::default(), &big).unwrap();
+        tx.send(&ring, &pool, Meta::default(), &big).unwrap();
+        assert_eq!(
+            tx.send(&ring, &pool, Meta::default(), &big),
+            Err(crate::ChannelSendError::PoolExhausted)
+        );
+        tx.send(&ring, &pool, Meta::default(), b"x").unwrap();
+        tx.send(&ring, &pool, Meta::default(), b"y").unwrap();
+        assert_eq!(
+            tx.send(&ring, &pool, Meta::default(), b"z"),
+            Err(crate::ChannelSendError::RingFull)
+        );
+        // A full ring never strands a slot: the pool still holds exactly 2 in use.
+        assert_eq!(pool.usage().in_use, 2);
+        let mut rx = Inbox::new();
+        let mut buf = Vec::new();
+        let mut got = 0;
+        while rx.recv(&ring, &pool, &mut buf).unwrap().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 4, "everything accepted is delivered");
+        assert_eq!(pool.usage().in_use, 0);
+    }
+
+    // shm[verify shm.ring.validate]
+    #[test]
+    fn impossible_counters_and_sequences_are_violations() {
+        let seg = heap_segment(SegmentConfig {
+            ring_capacity: 8,
+            ..SegmentConfig::default()
+        });
+        let ring = seg.ring(id(1), Direction::ToHost).unwrap();
+        let header = unsafe {
+            seg.backing()
+                .region()
+                .view::<R>(seg.layout().ring_offset(0, Direction::ToHost) as usize)
+        }
+        .unwrap();
+        let mut c = Consumer::new();
+        header.tail.store(9, std::sync::atomic::Ordering::Release);
+        assert!(matches!(
+            c.peek(&ring),
+            Err(Violation::RingIndex { tail: 9, .. })
+        ));
+        header
+            .tail
+            .store(u64::MAX, std::sync::atomic::Ordering::Release);
+        assert!(
+            matches!(c.peek(&ring), Err(Violation::RingIndex { .. })),
+            "tail behind head"
+        );
+        // A tail that claims one descriptor that was never written: seq mismatch.
+        let mut p = Producer::new();
+        header.tail.store(0, std::sync::atomic::Ordering::Release);
+        p.push(
+            &ring,
+            crate::desc::Descriptor {
+                seq: 0,
+                meta: Meta::default(),
+                payload_len: 0,
+                body: crate::desc::Body::Inline([0; 36]),
+            },
+        )
+        .unwrap();
+        header.tail.store(2, std::sync::atomic::Ordering::Release);
+        assert!(c.peek(&ring).unwrap().is_some());
+        c.advance(&ring);
+        assert!(matches!(
+            c.peek(&ring),
+            Err(Violation::DescSequence {
+                expected: 1,
+                found: 0
+            })
+        ));
+        // A producer facing an impossible head gets a violation, not a write.
+        header.head.store(100, std::sync::atomic::Ordering::Release);
+        let mut p = Producer::new();
+        for _ in 0..8 {
+            let _ = p.push(
+                &ring,
+                crate::desc::Descriptor {
+                    seq: 0,
+                    meta: Meta::default(),
+                    payload_len: 0,
+                    body: crate::desc::Body::Inline([0; 36]),
+                },
+            );
+        }
+        assert!(matches!(
+            p.push(
+                &ring,
+                crate::desc::Descriptor {
+                    seq: 0,
+                    meta: Meta::default(),
+                    payload_len: 0,
+                    body: crate::desc::Body::Inline([0; 36]),
+                }
+            ),
+            Err(PushError::Violation(Violation::RingIndex { .. }))
+        ));
+    }
+
+    // shm[verify shm.slot.alloc]
+    // shm[verify shm.slot.publish]
+    // shm[verify shm.slot.claim]
+    // shm[verify shm.slot.free]
+    #[test]
+    fn slot_protocol_is_a_cas_on_state_and_generation() {
+        let seg = heap_segment(SegmentConfig {
+            slots_per_pool: 2,
+            ..SegmentConfig::default()
+        });
+        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
+        let mut cursor = 0;
+        let (a, ga) = pool.alloc(&mut cursor).unwrap();
+        let (b, gb) = pool.alloc(&mut cursor).unwrap();
+        assert_ne!(a, b);
+        assert_eq!((ga, gb), (1, 1), "generation bumps on allocation");
+        assert!(pool.alloc(&mut cursor).is_none());
+        assert!(
+            matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
+            "Loaned is not claimable"
+        );
+        assert!(pool.mark_sent(a, ga));
+        assert!(
+            matches!(pool.claim(a, ga + 1, 10), Err(Violation::SlotState { .. })),
+            "stale generation"
+        );
+        assert!(matches!(
+            pool.claim(5, ga, 10),
+            Err(Violation::SlotIndex { index: 5, count: 2 })
+        ));
+        assert!(matches!(
+            pool.claim(a, ga, 4097),
+            Err(Violation::SlotLen { .. })
+        ));
+        pool.claim(a, ga, 10).unwrap();
+        assert!(
+            matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
+            "claimed once"
+        );
+        assert!(pool.release(a, ga));
+        assert!(!pool.release(a, ga), "double free is refused");
+        let (a2, ga2) = pool.alloc(&mut cursor).unwrap();
+        assert_eq!((a2, ga2), (a, 2), "reuse carries a new generation");
+    }
+
+    // shm[verify shm.msg.inline]
+    // shm[verify shm.msg.slot]
+    #[test]
+    fn inline_up_to_36_bytes_then_slots_up_to_slot_size() {
+        let seg = heap_segment(SegmentConfig {
+            slot_size: 128,
+            ..SegmentConfig::default()
+        });
+        let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
+        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let mut buf = Vec::new();
+        for len in [0, 1, 35, 36, 37, 127, 128] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            tx.send(&ring, &pool, Meta::new(3, len as u64), &payload)
+                .unwrap();
+            let in_use = pool.usage().in_use;
+            assert_eq!(in_use, u32::from(len > 36), "len {len}");
+            rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+            assert_eq!(buf, payload);
+        }
+        assert_eq!(
+            tx.send(&ring, &pool, Meta::default(), &[0; 129]),
+            Err(crate::ChannelSendError::TooLarge { len: 129, max: 128 })
+        );
+    }
+}

@@ -13,6 +13,7 @@ use crate::violation::Violation;
 /// Size of one slot's metadata.
 pub const SLOT_META_SIZE: usize = 8;
 
+// shm[impl shm.slot.layout]
 /// Who holds a slot (`shm.slot.layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]

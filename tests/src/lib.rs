@@ -1,1 +1,225 @@
-//! placeholder
+//! Harness for cross-process tests.
+//!
+//! A test re-runs its own binary as a child (`current_exe() --exact <test>`), with
+//! the role in `SHMHUB_TEST_ROLE`. The child talks to the parent in lines: it writes
+//! `@<word> ...` lines to stdout, and reads lines from stdin. Every child has a
+//! deadline and is killed when it passes; its exit status is asserted.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Env var naming the child's role.
+pub const ROLE_VAR: &str = "SHMHUB_TEST_ROLE";
+
+/// The role this process was started with, if it is a child.
+pub fn role() -> Option<String> {
+    std::env::var(ROLE_VAR).ok()
+}
+
+/// An env var the parent passed to this child.
+pub fn arg(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child needs env {name}"))
+}
+
+/// Tells the parent something: one `@`-prefixed line on stdout.
+pub fn tell(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // A leading newline: libtest may have printed "test name ... " without one.
+    writeln!(out, "\n@{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// Reads one line the parent sent on stdin (blocks; the parent's deadline bounds it).
+pub fn hear() -> String {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    line.trim_end().to_string()
+}
+
+/// A unique segment path under /dev/shm, removed (if still there) when dropped.
+pub struct ShmPath(PathBuf);
+
+impl ShmPath {
+    /// `/dev/shm/shmhub-test-<pid>-<n>-<tag>`.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let name = format!("test-{}-{n}-{tag}", std::process::id());
+        Self(shm_host::segment_path(&name).unwrap())
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ShmPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A child process running one role of a test.
+pub struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    deadline: Instant,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `test` (its full path as libtest names it, e.g. `attach_by_path`) of
+    /// this binary in `role`, with extra env vars, to finish within `limit`.
+    pub fn spawn(test: &str, role: &str, envs: &[(&str, String)], limit: Duration) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ROLE_VAR, role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn child test process");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(msg) = line.strip_prefix('@') {
+                    if tx.send(msg.to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            deadline: Instant::now() + limit,
+            name: role.to_string(),
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the child's next `@` line (before its deadline).
+    pub fn expect_line(&mut self) -> String {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => {
+                self.kill();
+                panic!("child {} said nothing before its deadline", self.name)
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().unwrap();
+                panic!(
+                    "child {} exited ({status}) before saying anything",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// Waits for a line starting with `word` and returns the rest of it.
+    pub fn expect(&mut self, word: &str) -> String {
+        let line = self.expect_line();
+        match line.strip_prefix(word) {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("child {} said {line:?}, expected {word}", self.name),
+        }
+    }
+
+    /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
+    pub fn poll_line(&mut self, wait: Duration) -> Option<String> {
+        match self.lines.recv_timeout(wait) {
+            Ok(l) => Some(l),
+            Err(_) => None,
+        }
+    }
+
+    /// Sends a line to the child's stdin.
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// SIGKILLs the child and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
+    }
+
+    /// Waits for the child to exit before its deadline (killing it on expiry) and
+    /// returns its status.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.stdin.take();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= self.deadline {
+                self.kill();
+                panic!("child {} passed its deadline and was killed", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the child and asserts it exited with status 0.
+    pub fn assert_success(&mut self) {
+        let status = self.wait();
+        assert!(status.success(), "child {} failed: {status}", self.name);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The deterministic payload of message `n` from peer `seed`, `len` bytes.
+pub fn pattern(seed: u64, n: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Message lengths that cover inline (0..=36) and slot payloads.
+pub const LENGTHS: [usize; 8] = [0, 1, 35, 36, 37, 200, 1000, 4096];
+
+/// Runs `f` until it returns `Some` or `limit` passes (then panics with `what`).
+/// Between attempts the thread yields: this is a bounded poll, not a sleep.
+pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
