@@ -223,3 +223,29 @@ pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
         std::thread::yield_now();
     }
 }
+
+/// Builds a segment file at `path` by hand, as a creator would, and publishes it only
+/// if `publish`; returns the creator's view so a test can finish (or sabotage) it.
+pub fn plant_segment(
+    path: &Path,
+    config: shm_primitives::SegmentConfig,
+    publish: bool,
+) -> shm_primitives::Segment {
+    use std::os::unix::fs::OpenOptionsExt;
+    let layout = config.layout().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.set_len(layout.total_size).unwrap();
+    let map = shm_primitives::MmapRegion::map(file, layout.total_size as usize).unwrap();
+    let backing = shm_primitives::ShmBacking::Mmap(std::sync::Arc::new(map));
+    let seg = shm_primitives::Segment::init(backing, config, [7, 7], std::process::id()).unwrap();
+    if publish {
+        seg.publish();
+    }
+    seg
+}

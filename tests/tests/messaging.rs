@@ -192,3 +192,63 @@ fn a_reserved_id_is_claimed_only_by_its_guest() {
     ));
     drop(g);
 }
+
+// shm[verify shm.delivery.to-guest]
+// shm[verify shm.slot.reclaim]
+#[test]
+fn what_a_departed_guest_never_read_is_reclaimed_and_counted() {
+    if role().as_deref() == Some("reader") {
+        let mut guest = ShmGuest::attach_path(arg("SEG")).unwrap();
+        tell("attached");
+        let mut buf = Vec::new();
+        let meta = poll_until(Duration::from_secs(20), "first", || {
+            guest.try_recv(&mut buf).unwrap()
+        });
+        assert_eq!(meta.user_id, 0, "in order");
+        assert_eq!(buf, pattern(9, 0, 1000));
+        guest.detach(); // four messages left unread: two in slots
+        tell("left");
+        return;
+    }
+    let seg = ShmPath::new("reclaim");
+    let mut host = ShmHost::create(seg.path(), SegmentConfig::default()).unwrap();
+    let mut child = Proc::spawn(
+        "what_a_departed_guest_never_read_is_reclaimed_and_counted",
+        "reader",
+        &[("SEG", seg.path().display().to_string())],
+        Duration::from_secs(60),
+    );
+    child.expect("attached");
+    let peer = host.attached_peers()[0];
+    for (n, len) in [1000usize, 2000, 10, 3000, 20].into_iter().enumerate() {
+        host.try_send(peer, Meta::new(1, n as u64), &pattern(9, n as u64, len))
+            .unwrap();
+    }
+    child.expect("left");
+    child.assert_success();
+    let mut buf = Vec::new();
+    assert!(host.try_recv(&mut buf).unwrap().is_none());
+    let info = host.peer_info(peer).unwrap();
+    assert_eq!(info.state, Some(PeerState::Empty));
+    assert_eq!(
+        info.stats.discarded, 4,
+        "unread messages are counted, not lost silently"
+    );
+    assert_eq!(info.stats.reclaimed_slots, 2, "their slots came back");
+    // The entry is reusable and its pool is whole again: a new guest gets the same id
+    // and the host can fill every slot towards it.
+    let mut g = ShmGuest::attach_path(seg.path()).unwrap();
+    assert_eq!(g.peer_id(), peer);
+    let slots = SegmentConfig::default().slots_per_pool;
+    for n in 0..slots {
+        host.try_send(peer, Meta::new(1, u64::from(n)), &[0u8; 100])
+            .unwrap();
+    }
+    assert!(host
+        .try_send(peer, Meta::new(1, 99), &[0u8; 100])
+        .unwrap_err()
+        .is_would_block());
+    for _ in 0..slots {
+        g.try_recv(&mut buf).unwrap().unwrap();
+    }
+}
