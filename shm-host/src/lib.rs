@@ -439,3 +439,6 @@ fn init_segment(backing: ShmBacking, config: SegmentConfig) -> Result<Segment, C
         InitError::TooSmall { need, .. } => CreateError::NoSpace { size: need },
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -165,7 +165,7 @@ mod tests {
             body: Body::Inline([0; INLINE_CAPACITY]),
         }
         .encode();
-        words[3] |= 9 << 0; // kind byte is the low byte of word 3
+        words[3] |= 9; // the kind byte is the low byte of word 3
         assert_eq!(Descriptor::decode(&words), Err(UnknownKind(9)));
     }
 }

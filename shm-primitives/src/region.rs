@@ -294,3 +294,37 @@ impl ShmBacking {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // shm[verify shm.file.mmap-windows]
+    // shm[verify shm.file.mmap-posix]
+    #[test]
+    fn file_mappings_are_shared_where_supported() {
+        assert_eq!(MmapRegion::supported(), cfg!(unix));
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let a = MmapRegion::map(file.try_clone().unwrap(), 8192).unwrap();
+        let b = MmapRegion::map(file, 8192).unwrap();
+        // Two mappings of one file see each other's stores: MAP_SHARED.
+        a.region()
+            .atomic_u64(4096)
+            .unwrap()
+            .store(42, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            b.region()
+                .atomic_u64(4096)
+                .unwrap()
+                .load(std::sync::atomic::Ordering::SeqCst),
+            42
+        );
+        assert!(a.region().atomic_u64(8192).is_none(), "bounds are checked");
+        assert!(a.region().atomic_u64(4).is_none(), "alignment is checked");
+        let mut out = Vec::new();
+        assert!(!a.region().copy_out_to_vec(8000, 500, &mut out));
+        assert!(a.region().copy_out_to_vec(4096, 8, &mut out));
+        assert_eq!(out, 42u64.to_le_bytes());
+    }
+}

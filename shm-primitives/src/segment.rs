@@ -284,6 +284,8 @@ mod tests {
         assert_eq!(e.load().unwrap_err().raw, 7);
     }
 
+    // shm[verify shm.ring.produce]
+    // shm[verify shm.ring.consume]
     #[test]
     fn ring_wraps_many_times_in_order() {
         let seg = heap_segment(SegmentConfig {
@@ -356,6 +358,7 @@ mod tests {
             ..SegmentConfig::default()
         });
         let ring = seg.ring(id(1), Direction::ToHost).unwrap();
+        // SAFETY: RingHeader consists only of atomic integers.
         let header = unsafe {
             seg.backing()
                 .region()

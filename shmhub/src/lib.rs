@@ -1,1 +1,6 @@
-//! placeholder
+#![doc = include_str!("../../README.md")]
+#![warn(missing_docs)]
+
+pub use shm_guest::{self as guest, AttachOptions, ShmGuest};
+pub use shm_host::{self as host, segment_path, SegmentConfig, ShmHost};
+pub use shm_primitives::{self as primitives, Meta, PeerId, PeerState};

@@ -144,10 +144,7 @@ impl Proc {
 
     /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
     pub fn poll_line(&mut self, wait: Duration) -> Option<String> {
-        match self.lines.recv_timeout(wait) {
-            Ok(l) => Some(l),
-            Err(_) => None,
-        }
+        self.lines.recv_timeout(wait).ok()
     }
 
     /// Sends a line to the child's stdin.

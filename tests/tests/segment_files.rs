@@ -18,6 +18,25 @@ fn attach_quick(path: &std::path::Path) -> Result<ShmGuest, AttachError> {
     )
 }
 
+// shm[verify shm.header.segment-id]
+#[test]
+fn every_segment_gets_a_fresh_random_id() {
+    let a = ShmHost::create_heap(SegmentConfig::default())
+        .unwrap()
+        .segment_id();
+    let seg = ShmPath::new("id");
+    let host = ShmHost::create(seg.path(), SegmentConfig::default()).unwrap();
+    let b = host.segment_id();
+    assert_ne!(a, b);
+    assert_ne!(a, [0, 0]);
+    assert_ne!(b, [0, 0]);
+    assert_eq!(
+        ShmGuest::attach_path(seg.path()).unwrap().segment_id(),
+        b,
+        "guests read it"
+    );
+}
+
 // shm[verify shm.file.permissions]
 // shm[verify shm.file.cleanup]
 // shm[verify shm.file.path]
