@@ -151,6 +151,8 @@ pub struct Received {
 /// every attached guest.
 pub struct ShmHost {
     segment: Segment,
+    /// Cached at creation: the shared header is guest-writable.
+    segment_id: [u64; 2],
     peers: Vec<HostPeer>,
     next_recv: usize,
     installed: Option<InstalledPath>,
@@ -217,6 +219,7 @@ impl ShmHost {
     fn new(segment: Segment, installed: Option<InstalledPath>) -> Self {
         let n = segment.layout().config.max_guests as usize;
         Self {
+            segment_id: segment.header().segment_id(),
             segment,
             peers: (0..n).map(|_| HostPeer::default()).collect(),
             next_recv: 0,
@@ -241,7 +244,7 @@ impl ShmHost {
 
     /// The segment's random 128-bit id.
     pub fn segment_id(&self) -> [u64; 2] {
-        self.segment.header().segment_id()
+        self.segment_id
     }
 
     /// The largest payload one message can carry.

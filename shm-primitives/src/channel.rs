@@ -93,13 +93,13 @@ impl Outbox {
             .alloc(&mut self.cursor)
             .ok_or(ChannelSendError::PoolExhausted)?;
         pool.write(index, payload);
-        if !pool.mark_sent(index, generation) {
+        if let Err(found) = pool.mark_sent(index, generation) {
             // Only the receiver can have touched a Loaned slot's word.
             pool.unloan(index, generation);
             return Err(ChannelSendError::Violation(Violation::SlotState {
                 index,
                 generation,
-                found: 0,
+                found,
             }));
         }
         let desc = Descriptor {
@@ -164,13 +164,14 @@ impl Inbox {
                 pool.claim(index, generation, desc.payload_len)?;
                 self.consumer.advance(ring);
                 pool.read_to_vec(index, desc.payload_len, out);
-                if !pool.release(index, generation) {
-                    return Err(Violation::SlotState {
+                // The payload is copied; a word changed under us means the sender wrote
+                // a slot it no longer owned, so the copy may be torn: a violation.
+                pool.release(index, generation)
+                    .map_err(|found| Violation::SlotState {
                         index,
                         generation,
-                        found: 0,
-                    });
-                }
+                        found,
+                    })?;
             }
         }
         Ok(Some(desc.meta))

@@ -450,7 +450,7 @@ mod tests {
             matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
             "Loaned is not claimable"
         );
-        assert!(pool.mark_sent(a, ga));
+        pool.mark_sent(a, ga).unwrap();
         assert!(
             matches!(pool.claim(a, ga + 1, 10), Err(Violation::SlotState { .. })),
             "stale generation"
@@ -468,8 +468,8 @@ mod tests {
             matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
             "claimed once"
         );
-        assert!(pool.release(a, ga));
-        assert!(!pool.release(a, ga), "double free is refused");
+        pool.release(a, ga).unwrap();
+        assert!(pool.release(a, ga).is_err(), "double free is refused");
         let (a2, ga2) = pool.alloc(&mut cursor).unwrap();
         assert_eq!((a2, ga2), (a, 2), "reuse carries a new generation");
     }

@@ -121,42 +121,41 @@ impl<'a> PoolView<'a> {
         None
     }
 
-    fn cas(&self, index: u32, gen: u32, from: SlotState, to: SlotState, ord: Ordering) -> bool {
+    /// CAS `from`(gen) -> `to`(gen); on failure, the word as found.
+    fn cas(
+        &self,
+        index: u32,
+        gen: u32,
+        from: SlotState,
+        to: SlotState,
+        ord: Ordering,
+    ) -> Result<(), u64> {
         self.metas[index as usize]
             .compare_exchange(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
-            .is_ok()
+            .map(|_| ())
     }
 
     /// Sender: Loaned(g) -> Sent(g), just before the descriptor is pushed. Release:
-    /// the payload writes happen before the receiver's claim.
+    /// the payload writes happen before the receiver's claim. On failure (only the
+    /// receiver can have touched a Loaned slot) returns the word as found.
     // shm[impl shm.slot.publish]
-    pub fn mark_sent(&self, index: u32, generation: u32) -> bool {
-        self.cas(
-            index,
-            generation,
-            SlotState::Loaned,
-            SlotState::Sent,
-            Ordering::Release,
-        )
+    pub fn mark_sent(&self, index: u32, generation: u32) -> Result<(), u64> {
+        let (from, to) = (SlotState::Loaned, SlotState::Sent);
+        self.cas(index, generation, from, to, Ordering::Release)
     }
 
     /// Sender: Loaned(g) or Sent(g) -> Free(g), for a slot whose descriptor could not
     /// be pushed.
     // shm[impl shm.slot.free]
     pub fn unloan(&self, index: u32, generation: u32) {
-        let _ = self.cas(
-            index,
-            generation,
-            SlotState::Sent,
-            SlotState::Free,
-            Ordering::Release,
-        ) || self.cas(
-            index,
-            generation,
-            SlotState::Loaned,
-            SlotState::Free,
-            Ordering::Release,
-        );
+        for from in [SlotState::Sent, SlotState::Loaned] {
+            if self
+                .cas(index, generation, from, SlotState::Free, Ordering::Release)
+                .is_ok()
+            {
+                return;
+            }
+        }
     }
 
     /// Receiver: checks a slot reference read from a descriptor and claims the slot,
@@ -192,17 +191,12 @@ impl<'a> PoolView<'a> {
             })
     }
 
-    /// Receiver: Received(g) -> Free(g). Returns false when the word changed under us
-    /// (only a misbehaving sender can do that).
+    /// Receiver: Received(g) -> Free(g). On failure (only a misbehaving sender can
+    /// change a Received slot's word) returns the word as found.
     // shm[impl shm.slot.free]
-    pub fn release(&self, index: u32, generation: u32) -> bool {
-        self.cas(
-            index,
-            generation,
-            SlotState::Received,
-            SlotState::Free,
-            Ordering::Release,
-        )
+    pub fn release(&self, index: u32, generation: u32) -> Result<(), u64> {
+        let (from, to) = (SlotState::Received, SlotState::Free);
+        self.cas(index, generation, from, to, Ordering::Release)
     }
 
     fn data_at(&self, index: u32) -> usize {
