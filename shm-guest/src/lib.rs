@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use shm_primitives::header::HEADER_SIZE;
 use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, Segment};
 pub use shm_primitives::{
-    Direction, HeaderError, Meta, PeerId, PeerState, ShmBacking, Violation, INLINE_CAPACITY,
+    Direction, HeaderError, Meta, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
+    INLINE_CAPACITY,
 };
 
 /// How to attach.
@@ -116,6 +117,9 @@ pub enum SendError {
     /// The host left an impossible value in shared memory.
     #[error("protocol violation by the host: {0}")]
     Violation(Violation),
+    /// A blocking send found no ring space or slot before its timeout.
+    #[error("no room towards the host before the timeout")]
+    TimedOut,
 }
 
 impl SendError {
@@ -165,6 +169,7 @@ pub struct ShmGuest {
     inbox: Inbox,
     report: AttachReport,
     attached: bool,
+    wait: WaitPolicy,
 }
 
 impl std::fmt::Debug for ShmGuest {
@@ -263,6 +268,7 @@ impl ShmGuest {
             inbox: Inbox::new(),
             report,
             attached: true,
+            wait: WaitPolicy::default(),
         })
     }
 
@@ -322,14 +328,16 @@ impl ShmGuest {
             .segment
             .pool(self.id, Direction::ToHost)
             .expect("validated id");
-        self.outbox
-            .send(&ring, &pool, meta, payload)
-            .map_err(|e| match e {
-                ChannelSendError::RingFull => SendError::WouldBlockRing,
-                ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
-                ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
-                ChannelSendError::Violation(v) => SendError::Violation(v),
-            })
+        let sent = self.outbox.send(&ring, &pool, meta, payload);
+        if sent.is_ok() {
+            self.segment.header().ring_host_bell();
+        }
+        sent.map_err(|e| match e {
+            ChannelSendError::RingFull => SendError::WouldBlockRing,
+            ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
+            ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+            ChannelSendError::Violation(v) => SendError::Violation(v),
+        })
     }
 
     /// Receives one message from the host into `buf` (replacing its contents), or
@@ -347,6 +355,45 @@ impl ShmGuest {
         self.inbox
             .recv(&ring, &pool, buf)
             .map_err(RecvError::Violation)
+    }
+
+    /// How blocking calls wait: spin rounds before parking (default: adaptive).
+    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.wait = policy;
+    }
+
+    /// Receives one message, waiting up to `timeout` (`Ok(None)` when it passes).
+    /// While idle the guest sleeps on its ring's producer counter with a shared futex;
+    /// the host wakes it only if it is parked.
+    // shm[impl shm.wake.park]
+    pub fn recv(
+        &mut self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Meta>, RecvError> {
+        let segment = self.segment.clone();
+        let ring = segment
+            .ring(self.id, Direction::ToGuest)
+            .expect("validated id");
+        shm_primitives::wait::wait_for(self.wait, timeout, &ring.data_bell(), || self.try_recv(buf))
+    }
+
+    /// Sends one message, waiting up to `timeout` for ring space and a free slot.
+    // shm[impl shm.wake.space]
+    pub fn send(&mut self, meta: Meta, payload: &[u8], timeout: Duration) -> Result<(), SendError> {
+        let segment = self.segment.clone();
+        let ring = segment
+            .ring(self.id, Direction::ToHost)
+            .expect("validated id");
+        let sent =
+            shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || match self
+                .try_send(meta, payload)
+            {
+                Ok(()) => Ok(Some(())),
+                Err(e) if e.is_would_block() => Ok(None),
+                Err(e) => Err(e),
+            })?;
+        sent.ok_or(SendError::TimedOut)
     }
 
     /// Leaves the segment: Attached -> Goodbye, this guest's last write. The host

@@ -20,11 +20,12 @@ mod peers;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment};
 pub use shm_primitives::{
     Direction, HeapRegion, LayoutError, Meta, PeerId, PeerState, SegmentConfig, ShmBacking,
-    Violation, INLINE_CAPACITY,
+    Violation, WaitPolicy, INLINE_CAPACITY,
 };
 
 pub use file::{segment_path, SEGMENT_DIR, SEGMENT_MODE, SEGMENT_PREFIX};
@@ -96,6 +97,9 @@ pub enum SendError {
         /// Largest payload.
         max: usize,
     },
+    /// A blocking send found no ring space or slot before its timeout.
+    #[error("no room towards {0} before the timeout")]
+    TimedOut(PeerId),
 }
 
 impl SendError {
@@ -155,6 +159,7 @@ pub struct ShmHost {
     segment_id: [u64; 2],
     peers: Vec<HostPeer>,
     next_recv: usize,
+    wait: WaitPolicy,
     installed: Option<InstalledPath>,
 }
 
@@ -223,6 +228,7 @@ impl ShmHost {
             segment,
             peers: (0..n).map(|_| HostPeer::default()).collect(),
             next_recv: 0,
+            wait: WaitPolicy::default(),
             installed,
         }
     }
@@ -393,6 +399,52 @@ impl ShmHost {
             }
         }
         Ok(None)
+    }
+
+    /// How blocking calls wait: spin rounds before parking (default: adaptive).
+    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.wait = policy;
+    }
+
+    /// Receives one message from any guest, waiting up to `timeout`; `Ok(None)` when
+    /// the timeout passes first. While idle the host sleeps on the host-wide bell (a
+    /// shared futex every guest rings after publishing while the host is parked).
+    // shm[impl shm.wake.host-bell]
+    pub fn recv(
+        &mut self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Received>, RecvError> {
+        // A clone of the segment handle (an Arc) so the bell can borrow it while
+        // `try_recv` borrows `self`.
+        let segment = self.segment.clone();
+        let bell = segment.header().host_bell();
+        shm_primitives::wait::wait_for(self.wait, timeout, &bell, || self.try_recv(buf))
+    }
+
+    /// Sends one message to `peer`, waiting up to `timeout` for ring space and a free
+    /// slot (parked on the ring's consumer counter, woken when the guest consumes).
+    // shm[impl shm.wake.space]
+    pub fn send(
+        &mut self,
+        peer: PeerId,
+        meta: Meta,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(), SendError> {
+        let segment = self.segment.clone();
+        let ring = segment
+            .ring(peer, Direction::ToGuest)
+            .ok_or(SendError::NoSuchPeer(peer))?;
+        let sent =
+            shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || match self
+                .try_send(peer, meta, payload)
+            {
+                Ok(()) => Ok(Some(())),
+                Err(e) if e.is_would_block() => Ok(None),
+                Err(e) => Err(e),
+            })?;
+        sent.ok_or(SendError::TimedOut(peer))
     }
 
     /// Recycles every entry whose guest said goodbye and whose messages to the host

@@ -174,6 +174,8 @@ impl Inbox {
                     })?;
             }
         }
+        // (C4) Space and any slot are free now: wake a parked producer.
+        ring.wake_producer();
         Ok(Some(desc.meta))
     }
 }

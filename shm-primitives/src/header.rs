@@ -9,8 +9,8 @@ use crate::layout::{SegmentConfig, SegmentLayout};
 pub const HEADER_SIZE: usize = 256;
 /// `b"SHMHUB\0\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
-/// Current layout and protocol version.
-pub const VERSION: u32 = 1;
+/// Current layout and protocol version (2: wake words in ring headers and header).
+pub const VERSION: u32 = 2;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).
@@ -66,8 +66,13 @@ pub struct SegmentHeader {
     pub ready_waiters: AtomicU32,
     /// Reserved, zero.
     pub _reserved0: AtomicU32,
+    /// Host-wide bell: guests bump it (and futex-wake) after publishing while the host
+    /// is parked, so the host sleeps on all guests at once.
+    pub host_bell: AtomicU32,
+    /// 1 while the host is parked on `host_bell`.
+    pub host_parked: AtomicU32,
     /// Reserved, zero.
-    pub _reserved: [AtomicU64; 16],
+    pub _reserved: [AtomicU64; 15],
 }
 
 const _: () = {
@@ -92,7 +97,9 @@ const _: () = {
     assert!(offset_of!(SegmentHeader, host_pid) == 112);
     assert!(offset_of!(SegmentHeader, ready) == 116);
     assert!(offset_of!(SegmentHeader, ready_waiters) == 120);
-    assert!(offset_of!(SegmentHeader, _reserved) == 128);
+    assert!(offset_of!(SegmentHeader, host_bell) == 128);
+    assert!(offset_of!(SegmentHeader, host_parked) == 132);
+    assert!(offset_of!(SegmentHeader, _reserved) == 136);
 };
 
 /// Why a segment header was refused.
@@ -234,6 +241,21 @@ impl SegmentHeader {
         ready && self.is_ready()
     }
 
+    /// Guest, after publishing to the host: rings the host-wide bell only if the host
+    /// is parked (no syscall otherwise).
+    // shm[impl shm.wake.host-bell]
+    pub fn ring_host_bell(&self) {
+        if self.host_parked.load(Ordering::SeqCst) != 0 {
+            self.host_bell.fetch_add(1, Ordering::SeqCst);
+            crate::futex::wake_all(&self.host_bell);
+        }
+    }
+
+    /// The bell the host parks on while no guest has anything for it.
+    pub fn host_bell(&self) -> HostBell<'_> {
+        HostBell(self)
+    }
+
     /// The segment's random id.
     pub fn segment_id(&self) -> [u64; 2] {
         [
@@ -338,5 +360,24 @@ impl SegmentHeader {
             }
         }
         Ok(layout)
+    }
+}
+
+/// The host-wide bell (`shm.wake.host-bell`).
+#[derive(Debug, Clone, Copy)]
+pub struct HostBell<'a>(&'a SegmentHeader);
+
+impl crate::wait::Bell for HostBell<'_> {
+    fn arm(&self) -> u32 {
+        self.0.host_parked.store(1, Ordering::SeqCst);
+        self.0.host_bell.load(Ordering::SeqCst)
+    }
+
+    fn sleep(&self, snapshot: u32, timeout: Duration) {
+        crate::futex::wait(&self.0.host_bell, snapshot, timeout);
+    }
+
+    fn disarm(&self) {
+        self.0.host_parked.store(0, Ordering::Relaxed);
     }
 }

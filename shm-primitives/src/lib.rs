@@ -16,6 +16,7 @@ pub mod ring;
 pub mod segment;
 pub mod slot;
 pub mod violation;
+pub mod wait;
 
 pub use channel::{ChannelSendError, Inbox, Outbox};
 pub use desc::{Meta, INLINE_CAPACITY};
@@ -25,6 +26,7 @@ pub use peer::{PeerId, PeerState, PeerWord};
 pub use region::{HeapRegion, MmapRegion, Region, ShmBacking};
 pub use segment::{InitError, Segment};
 pub use violation::Violation;
+pub use wait::{Bell, WaitPolicy};
 
 /// 16 random bytes from the kernel, for segment ids and temporary names.
 pub fn random_u64x2() -> [u64; 2] {

@@ -5,7 +5,8 @@
 //! is validated before use (`shm.ring.validate`). Counters are monotonic u64 that wrap;
 //! the depth is `tail.wrapping_sub(head)`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::desc::{Descriptor, DESC_WORDS};
 use crate::violation::Violation;
@@ -19,21 +20,36 @@ pub const RING_HEADER_SIZE: usize = 128;
 #[repr(C)]
 #[derive(Debug)]
 pub struct RingHeader {
-    /// Producer counter: descriptors published so far.
+    /// Producer counter: descriptors published so far. Its low 32 bits are the futex
+    /// word a consumer waiting for data sleeps on.
     pub tail: AtomicU64,
+    /// 1 while the consumer is parked waiting for data. Written by the consumer (only
+    /// when it parks), read by the producer after every publish: so it lives on the
+    /// producer's line.
+    pub consumer_parked: AtomicU32,
+    /// Reserved, zero.
+    pub _producer_pad: AtomicU32,
     /// Reserved (producer line), zero.
-    pub _producer_reserved: [AtomicU64; 7],
-    /// Consumer counter: descriptors consumed so far.
+    pub _producer_reserved: [AtomicU64; 6],
+    /// Consumer counter: descriptors consumed so far. Its low 32 bits are the futex
+    /// word a producer waiting for space sleeps on.
     pub head: AtomicU64,
+    /// 1 while the producer is parked waiting for ring space or a free slot; on the
+    /// consumer's line, which reads it after every receive.
+    pub producer_parked: AtomicU32,
+    /// Reserved, zero.
+    pub _consumer_pad: AtomicU32,
     /// Reserved (consumer line), zero.
-    pub _consumer_reserved: [AtomicU64; 7],
+    pub _consumer_reserved: [AtomicU64; 6],
 }
 
 const _: () = {
     use std::mem::{offset_of, size_of};
     assert!(size_of::<RingHeader>() == RING_HEADER_SIZE);
     assert!(offset_of!(RingHeader, tail) == 0);
+    assert!(offset_of!(RingHeader, consumer_parked) == 8);
     assert!(offset_of!(RingHeader, head) == 64);
+    assert!(offset_of!(RingHeader, producer_parked) == 72);
 };
 
 /// A ring in shared memory: its header and `capacity` descriptors.
@@ -76,10 +92,46 @@ impl<'a> RingView<'a> {
         check_distance(head, tail, self.capacity)
     }
 
+    /// Producer, after publishing: wakes the consumer only if it is parked (no
+    /// syscall otherwise).
+    // shm[impl shm.wake.signal]
+    fn wake_consumer(&self) {
+        if self.header.consumer_parked.load(Ordering::SeqCst) != 0 {
+            crate::futex::wake_low_half(&self.header.tail);
+        }
+    }
+
+    /// Consumer, after consuming (and freeing any slot): wakes the producer only if
+    /// it is parked waiting for space or a slot.
+    // shm[impl shm.wake.signal]
+    pub fn wake_producer(&self) {
+        if self.header.producer_parked.load(Ordering::SeqCst) != 0 {
+            crate::futex::wake_low_half(&self.header.head);
+        }
+    }
+
+    /// The bell a consumer parks on while the ring is empty.
+    pub fn data_bell(&self) -> CounterBell<'a> {
+        CounterBell {
+            counter: &self.header.tail,
+            parked: &self.header.consumer_parked,
+        }
+    }
+
+    /// The bell a producer parks on while the ring is full or its pool is empty.
+    pub fn space_bell(&self) -> CounterBell<'a> {
+        CounterBell {
+            counter: &self.header.head,
+            parked: &self.header.producer_parked,
+        }
+    }
+
     /// Zeroes both counters. Only for the host, when no guest uses the ring.
     // shm[impl shm.slot.reclaim]
     pub fn reset(&self) {
         self.header.head.store(0, Ordering::Relaxed);
+        self.header.consumer_parked.store(0, Ordering::Relaxed);
+        self.header.producer_parked.store(0, Ordering::Relaxed);
         self.header.tail.store(0, Ordering::Release);
     }
 }
@@ -149,9 +201,12 @@ impl Producer {
         for (cell, word) in ring.slot(self.tail).iter().zip(desc.encode()) {
             cell.store(word, Ordering::Relaxed);
         }
-        // (P3) Release-store the new tail: publishes the descriptor words above.
+        // (P3) Store the new tail: Release publishes the descriptor words above;
+        // SeqCst also orders it before the parked-flag load in P4.
         self.tail = self.tail.wrapping_add(1);
-        ring.header.tail.store(self.tail, Ordering::Release);
+        ring.header.tail.store(self.tail, Ordering::SeqCst);
+        // (P4) Wake the consumer if (and only if) it is parked.
+        ring.wake_consumer();
         Ok(())
     }
 }
@@ -210,9 +265,32 @@ impl Consumer {
     /// Consumes the descriptor last returned by `peek`.
     // shm[impl shm.ring.consume]
     pub fn advance(&mut self, ring: &RingView<'_>) {
-        // (C3) Release-store head: our reads of the entry happen before the producer
-        // reuses it (pairs with P1).
+        // (C3) Store head: Release so our reads of the entry happen before the
+        // producer reuses it (pairs with P1); SeqCst orders it before C4's flag load.
         self.head = self.head.wrapping_add(1);
-        ring.header.head.store(self.head, Ordering::Release);
+        ring.header.head.store(self.head, Ordering::SeqCst);
+    }
+}
+
+/// A counter one side advances and the other side can sleep on: the snapshot, the
+/// parked flag and the futex word of one wait (`shm.wake.park`).
+#[derive(Debug, Clone, Copy)]
+pub struct CounterBell<'a> {
+    counter: &'a AtomicU64,
+    parked: &'a AtomicU32,
+}
+
+impl crate::wait::Bell for CounterBell<'_> {
+    fn arm(&self) -> u32 {
+        self.parked.store(1, Ordering::SeqCst);
+        self.counter.load(Ordering::SeqCst) as u32
+    }
+
+    fn sleep(&self, snapshot: u32, timeout: Duration) {
+        crate::futex::wait_low_half(self.counter, snapshot, timeout);
+    }
+
+    fn disarm(&self) {
+        self.parked.store(0, Ordering::Relaxed);
     }
 }

@@ -206,7 +206,9 @@ mod tests {
             (offset_of!(H, host_pid), 112),
             (offset_of!(H, ready), 116),
             (offset_of!(H, ready_waiters), 120),
-            (offset_of!(H, _reserved), 128),
+            (offset_of!(H, host_bell), 128),
+            (offset_of!(H, host_parked), 132),
+            (offset_of!(H, _reserved), 136),
             (size_of::<H>(), 256),
         ];
         for (i, (got, want)) in header.iter().enumerate() {
@@ -219,7 +221,9 @@ mod tests {
         assert_eq!(offset_of!(P, _reserved), 16);
         assert_eq!(size_of::<P>(), 64);
         assert_eq!(offset_of!(R, tail), 0);
+        assert_eq!(offset_of!(R, consumer_parked), 8);
         assert_eq!(offset_of!(R, head), 64);
+        assert_eq!(offset_of!(R, producer_parked), 72);
         assert_eq!(size_of::<R>(), 128);
         assert_eq!(crate::slot::SLOT_META_SIZE, 8);
         assert_eq!(

@@ -22,20 +22,6 @@ fn main() {
     }
 }
 
-/// Until phase 002 brings futex waits, idle loops spin briefly then nap.
-struct Backoff(u32);
-
-impl Backoff {
-    fn idle(&mut self) {
-        self.0 += 1;
-        if self.0 < 2_000 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
 fn guest(path: &str, peer: Option<u8>) {
     let options = AttachOptions {
         peer_id: peer.and_then(PeerId::new),
@@ -50,20 +36,18 @@ fn guest(path: &str, peer: Option<u8>) {
     let hello = format!("hello from pid {} (attached by {how})", std::process::id());
     g.try_send(Meta::new(HELLO, 0), hello.as_bytes())
         .expect("send hello");
+    // Blocking receive: spins a few microseconds, then sleeps on a shared futex until
+    // the host publishes; an idle guest costs no CPU.
     let mut buf = Vec::new();
-    let mut backoff = Backoff(0);
     loop {
-        match g.try_recv(&mut buf).expect("recv") {
+        match g.recv(&mut buf, Duration::from_secs(30)).expect("recv") {
             Some(m) if m.msg_type == PING => {
-                backoff.0 = 0;
-                while let Err(e) = g.try_send(Meta::new(PONG, m.user_id), &buf) {
-                    assert!(e.is_would_block(), "{e}");
-                    std::hint::spin_loop();
-                }
+                g.send(Meta::new(PONG, m.user_id), &buf, Duration::from_secs(5))
+                    .expect("send pong");
             }
             Some(m) if m.msg_type == BYE => break,
             Some(_) => {}
-            None => backoff.idle(),
+            None => panic!("the host went quiet for 30 s"),
         }
     }
     g.detach();
@@ -79,14 +63,10 @@ fn spawn_guest(path: &str, peer: Option<PeerId>) -> Child {
 }
 
 fn recv(host: &mut ShmHost, buf: &mut Vec<u8>, deadline: Instant) -> shmhub::host::Received {
-    let mut backoff = Backoff(0);
-    loop {
-        if let Some(m) = host.try_recv(buf).expect("recv") {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "guest did not answer in time");
-        backoff.idle();
-    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    host.recv(buf, left)
+        .expect("recv")
+        .expect("guest did not answer in time")
 }
 
 fn host() {
@@ -118,6 +98,7 @@ fn host() {
         peers.push(m.from);
     }
     println!("host: {reserved} was reserved before its process started");
+    println!("host: guests block in recv (adaptive: spin briefly, then a shared futex)");
 
     for &peer in &peers {
         for (label, len) in [("inline", 8usize), ("slot", 48 * 1024)] {
@@ -136,7 +117,8 @@ fn host() {
         let mut samples = Vec::with_capacity(rounds as usize);
         for n in 0..rounds {
             let t = Instant::now();
-            host.try_send(peer, Meta::new(PING, n), &payload).unwrap();
+            host.send(peer, Meta::new(PING, n), &payload, Duration::from_secs(5))
+                .unwrap();
             let m = recv(&mut host, &mut buf, deadline);
             samples.push(t.elapsed().as_nanos() as u64);
             assert_eq!(m.meta.user_id, n);
