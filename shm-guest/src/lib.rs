@@ -297,64 +297,22 @@ impl ShmGuest {
         self.segment.layout().config.slot_size as usize
     }
 
-    /// Checks that our entry is still Attached with our generation.
-    fn check_attached(&self) -> Result<(), DetachedError> {
-        let entry = self.segment.peer(self.id).expect("validated id");
-        match entry.load() {
-            Ok(w) if w.state == PeerState::Attached && w.generation == self.generation => Ok(()),
-            other => {
-                let fault = entry.fault.load(Ordering::Relaxed);
-                if fault != 0 {
-                    return Err(DetachedError::Fenced { fault });
-                }
-                let raw = entry.state_word.load(Ordering::Relaxed);
-                Err(DetachedError::Lost {
-                    state: other.ok().map(|w| w.state),
-                    generation: (raw >> 32) as u32,
-                })
-            }
-        }
-    }
-
     /// Sends one message to the host: inline when it fits in the descriptor, otherwise
     /// through a slot. Never blocks; back-pressure is a `WouldBlock` error.
     pub fn try_send(&mut self, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
-        self.check_attached()?;
-        let ring = self
-            .segment
-            .ring(self.id, Direction::ToHost)
-            .expect("validated id");
-        let pool = self
-            .segment
-            .pool(self.id, Direction::ToHost)
-            .expect("validated id");
-        let sent = self.outbox.send(&ring, &pool, meta, payload);
-        if sent.is_ok() {
-            self.segment.header().ring_host_bell();
-        }
-        sent.map_err(|e| match e {
-            ChannelSendError::RingFull => SendError::WouldBlockRing,
-            ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
-            ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
-            ChannelSendError::Violation(v) => SendError::Violation(v),
-        })
+        let me = (self.id, self.generation);
+        send_once(&self.segment, me, &mut self.outbox, meta, payload)
     }
 
     /// Receives one message from the host into `buf` (replacing its contents), or
     /// `None` when there is none.
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
-        self.check_attached()?;
-        let ring = self
-            .segment
-            .ring(self.id, Direction::ToGuest)
-            .expect("validated id");
-        let pool = self
-            .segment
-            .pool(self.id, Direction::ToGuest)
-            .expect("validated id");
-        self.inbox
-            .recv(&ring, &pool, buf)
-            .map_err(RecvError::Violation)
+        recv_once(
+            &self.segment,
+            (self.id, self.generation),
+            &mut self.inbox,
+            buf,
+        )
     }
 
     /// How blocking calls wait: spin rounds before parking (default: adaptive).
@@ -371,28 +329,31 @@ impl ShmGuest {
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Meta>, RecvError> {
-        let segment = self.segment.clone();
-        let ring = segment
+        let me = (self.id, self.generation);
+        let ring = self
+            .segment
             .ring(self.id, Direction::ToGuest)
             .expect("validated id");
-        shm_primitives::wait::wait_for(self.wait, timeout, &ring.data_bell(), || self.try_recv(buf))
+        shm_primitives::wait::wait_for(self.wait, timeout, &ring.data_bell(), || {
+            recv_once(&self.segment, me, &mut self.inbox, buf)
+        })
     }
 
     /// Sends one message, waiting up to `timeout` for ring space and a free slot.
     // shm[impl shm.wake.space]
     pub fn send(&mut self, meta: Meta, payload: &[u8], timeout: Duration) -> Result<(), SendError> {
-        let segment = self.segment.clone();
-        let ring = segment
+        let me = (self.id, self.generation);
+        let ring = self
+            .segment
             .ring(self.id, Direction::ToHost)
             .expect("validated id");
-        let sent =
-            shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || match self
-                .try_send(meta, payload)
-            {
+        let sent = shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || {
+            match send_once(&self.segment, me, &mut self.outbox, meta, payload) {
                 Ok(()) => Ok(Some(())),
                 Err(e) if e.is_would_block() => Ok(None),
                 Err(e) => Err(e),
-            })?;
+            }
+        })?;
         sent.ok_or(SendError::TimedOut)
     }
 
@@ -416,6 +377,67 @@ impl Drop for ShmGuest {
     fn drop(&mut self) {
         self.goodbye();
     }
+}
+
+/// Checks that entry `id` is still Attached with our generation.
+fn check_attached(segment: &Segment, (id, generation): (PeerId, u32)) -> Result<(), DetachedError> {
+    let entry = segment.peer(id).expect("validated id");
+    match entry.load() {
+        Ok(w) if w.state == PeerState::Attached && w.generation == generation => Ok(()),
+        other => {
+            let fault = entry.fault.load(Ordering::Relaxed);
+            if fault != 0 {
+                return Err(DetachedError::Fenced { fault });
+            }
+            let raw = entry.state_word.load(Ordering::Relaxed);
+            Err(DetachedError::Lost {
+                state: other.ok().map(|w| w.state),
+                generation: (raw >> 32) as u32,
+            })
+        }
+    }
+}
+
+/// One non-blocking send (the body of `try_send`); borrows only what it uses so a
+/// blocking `send` can hold the ring's bell at the same time.
+fn send_once(
+    segment: &Segment,
+    me: (PeerId, u32),
+    outbox: &mut Outbox,
+    meta: Meta,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    check_attached(segment, me)?;
+    let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
+    let pool = segment.pool(me.0, Direction::ToHost).expect("validated id");
+    outbox
+        .send(&ring, &pool, meta, payload)
+        .map_err(|e| match e {
+            ChannelSendError::RingFull => SendError::WouldBlockRing,
+            ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
+            ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+            ChannelSendError::Violation(v) => SendError::Violation(v),
+        })?;
+    // shm[impl shm.wake.host-bell]: after every publish, a syscall only if parked.
+    segment.header().ring_host_bell();
+    Ok(())
+}
+
+/// One non-blocking receive (the body of `try_recv`).
+fn recv_once(
+    segment: &Segment,
+    me: (PeerId, u32),
+    inbox: &mut Inbox,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Meta>, RecvError> {
+    check_attached(segment, me)?;
+    let ring = segment
+        .ring(me.0, Direction::ToGuest)
+        .expect("validated id");
+    let pool = segment
+        .pool(me.0, Direction::ToGuest)
+        .expect("validated id");
+    inbox.recv(&ring, &pool, buf).map_err(RecvError::Violation)
 }
 
 fn open_waiting(

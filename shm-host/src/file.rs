@@ -28,7 +28,8 @@ pub fn segment_path(name: &str) -> Result<PathBuf, CreateError> {
 /// Mode of every segment file: owner read/write only.
 pub const SEGMENT_MODE: u32 = 0o600;
 
-fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> CreateError {
+/// Wraps an OS error with what was being done.
+pub(crate) fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> CreateError {
     move |source| CreateError::Io { op, source }
 }
 

@@ -28,8 +28,8 @@ pub use shm_primitives::{
     Violation, WaitPolicy, INLINE_CAPACITY,
 };
 
+use file::{io_err, InstalledPath, TempSegment};
 pub use file::{segment_path, SEGMENT_DIR, SEGMENT_MODE, SEGMENT_PREFIX};
-use file::{InstalledPath, TempSegment};
 use peers::HostPeer;
 pub use peers::{PeerInfo, PeerStats};
 
@@ -154,21 +154,15 @@ pub struct Received {
 /// The host of a segment: creates it, reserves peer ids, and exchanges messages with
 /// every attached guest.
 pub struct ShmHost {
+    /// First field, so it drops first: the public path is unlinked while `segment`
+    /// still holds the mapping and the owner lock.
+    installed: Option<InstalledPath>,
     segment: Segment,
     /// Cached at creation: the shared header is guest-writable.
     segment_id: [u64; 2],
     peers: Vec<HostPeer>,
     next_recv: usize,
     wait: WaitPolicy,
-    installed: Option<InstalledPath>,
-}
-
-impl Drop for ShmHost {
-    fn drop(&mut self) {
-        // Unlink the public path while we still hold the owner lock (held by the
-        // mapping's fd, dropped with `segment` afterwards).
-        self.installed.take();
-    }
 }
 
 impl ShmHost {
@@ -185,24 +179,14 @@ impl ShmHost {
         let path = path.as_ref();
         let layout = config.layout()?;
         let tmp = TempSegment::create(path, layout.total_size)?;
-        let file = tmp.file().try_clone().map_err(|source| CreateError::Io {
-            op: "dup segment fd",
-            source,
-        })?;
-        let map = MmapRegion::map(file, layout.total_size as usize).map_err(|source| {
-            CreateError::Io {
-                op: "mmap segment",
-                source,
-            }
-        })?;
+        let file = tmp.file().try_clone().map_err(io_err("dup segment fd"))?;
+        let map =
+            MmapRegion::map(file, layout.total_size as usize).map_err(io_err("mmap segment"))?;
         let segment = init_segment(ShmBacking::Mmap(Arc::new(map)), config)?;
         segment.publish();
         let file = tmp.install(path)?;
         let installed =
-            InstalledPath::new(path.to_path_buf(), &file).map_err(|source| CreateError::Io {
-                op: "fstat segment",
-                source,
-            })?;
+            InstalledPath::new(path.to_path_buf(), &file).map_err(io_err("fstat segment"))?;
         Ok(Self::new(segment, Some(installed)))
     }
 
@@ -210,12 +194,8 @@ impl ShmHost {
     /// ([`ShmHost::backing`] gives them the memory).
     pub fn create_heap(config: SegmentConfig) -> Result<Self, CreateError> {
         let layout = config.layout()?;
-        let heap = HeapRegion::new_zeroed(layout.total_size as usize).map_err(|source| {
-            CreateError::Io {
-                op: "allocate heap segment",
-                source,
-            }
-        })?;
+        let heap = HeapRegion::new_zeroed(layout.total_size as usize)
+            .map_err(io_err("allocate heap segment"))?;
         let segment = init_segment(ShmBacking::Heap(Arc::new(heap)), config)?;
         segment.publish();
         Ok(Self::new(segment, None))
@@ -313,40 +293,7 @@ impl ShmHost {
     /// (`INLINE_CAPACITY` bytes), otherwise through a slot. Never blocks; a full ring
     /// or pool is a `WouldBlock` error and nothing is published.
     pub fn try_send(&mut self, peer: PeerId, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
-        let index = self.id_checked(peer).ok_or(SendError::NoSuchPeer(peer))?;
-        let entry = self.segment.peer(peer).expect("in range");
-        let hp = &mut self.peers[index];
-        let word = match hp.observe(entry) {
-            Ok(w) => w,
-            Err(violation) => return Err(SendError::Fenced { peer, violation }),
-        };
-        if word.state != PeerState::Attached {
-            return Err(SendError::NotAttached {
-                peer,
-                state: word.state,
-            });
-        }
-        let ring = self
-            .segment
-            .ring(peer, Direction::ToGuest)
-            .expect("in range");
-        let pool = self
-            .segment
-            .pool(peer, Direction::ToGuest)
-            .expect("in range");
-        match hp.outbox.send(&ring, &pool, meta, payload) {
-            Ok(()) => {
-                hp.stats.sent += 1;
-                Ok(())
-            }
-            Err(ChannelSendError::RingFull) => Err(SendError::WouldBlockRing(peer)),
-            Err(ChannelSendError::PoolExhausted) => Err(SendError::WouldBlockPool(peer)),
-            Err(ChannelSendError::TooLarge { len, max }) => Err(SendError::TooLarge { len, max }),
-            Err(ChannelSendError::Violation(violation)) => {
-                hp.fence(entry, word.generation, violation);
-                Err(SendError::Fenced { peer, violation })
-            }
-        }
+        send_once(&self.segment, &mut self.peers, peer, meta, payload)
     }
 
     /// Receives one message from any guest into `buf` (replacing its contents).
@@ -356,49 +303,8 @@ impl ShmHost {
     /// Entries whose guest said goodbye are recycled once their messages are drained.
     /// A guest that broke the protocol is fenced and reported once as `Err`; the call
     /// can be repeated at once for the others.
-    // shm[impl shm.host.fair-recv]
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
-        let n = self.peers.len();
-        for k in 0..n {
-            let index = (self.next_recv + k) % n;
-            let peer = PeerId::from_index(index).expect("index < 255");
-            let entry = self.segment.peer(peer).expect("in range");
-            let hp = &mut self.peers[index];
-            if hp.fenced.is_some() {
-                continue;
-            }
-            let word = hp
-                .observe(entry)
-                .map_err(|violation| RecvError { peer, violation })?;
-            if !matches!(word.state, PeerState::Attached | PeerState::Goodbye) {
-                continue;
-            }
-            let ring = self
-                .segment
-                .ring(peer, Direction::ToHost)
-                .expect("in range");
-            let pool = self
-                .segment
-                .pool(peer, Direction::ToHost)
-                .expect("in range");
-            match hp.inbox.recv(&ring, &pool, buf) {
-                Ok(Some(meta)) => {
-                    hp.stats.received += 1;
-                    self.next_recv = (index + 1) % n;
-                    return Ok(Some(Received { from: peer, meta }));
-                }
-                // shm[impl shm.delivery.to-host]: recycle only once drained.
-                Ok(None) if word.state == PeerState::Goodbye => {
-                    peers::recycle(&self.segment, peer, hp, word.generation);
-                }
-                Ok(None) => {}
-                Err(violation) => {
-                    hp.fence(entry, word.generation, violation);
-                    return Err(RecvError { peer, violation });
-                }
-            }
-        }
-        Ok(None)
+        recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
     }
 
     /// How blocking calls wait: spin rounds before parking (default: adaptive).
@@ -415,11 +321,10 @@ impl ShmHost {
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Received>, RecvError> {
-        // A clone of the segment handle (an Arc) so the bell can borrow it while
-        // `try_recv` borrows `self`.
-        let segment = self.segment.clone();
-        let bell = segment.header().host_bell();
-        shm_primitives::wait::wait_for(self.wait, timeout, &bell, || self.try_recv(buf))
+        let bell = self.segment.header().host_bell();
+        shm_primitives::wait::wait_for(self.wait, timeout, &bell, || {
+            recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
+        })
     }
 
     /// Sends one message to `peer`, waiting up to `timeout` for ring space and a free
@@ -432,18 +337,17 @@ impl ShmHost {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), SendError> {
-        let segment = self.segment.clone();
-        let ring = segment
+        let ring = self
+            .segment
             .ring(peer, Direction::ToGuest)
             .ok_or(SendError::NoSuchPeer(peer))?;
-        let sent =
-            shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || match self
-                .try_send(peer, meta, payload)
-            {
+        let sent = shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || {
+            match send_once(&self.segment, &mut self.peers, peer, meta, payload) {
                 Ok(()) => Ok(Some(())),
                 Err(e) if e.is_would_block() => Ok(None),
                 Err(e) => Err(e),
-            })?;
+            }
+        })?;
         sent.ok_or(SendError::TimedOut(peer))
     }
 
@@ -480,6 +384,89 @@ impl ShmHost {
         }
         recycled
     }
+}
+
+/// One non-blocking send (the body of `try_send`), borrowing only what it uses so a
+/// blocking `send` can hold the ring's bell at the same time.
+fn send_once(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    peer: PeerId,
+    meta: Meta,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    let entry = segment.peer(peer).ok_or(SendError::NoSuchPeer(peer))?;
+    let hp = &mut table[peer.index()];
+    let word = match hp.observe(entry) {
+        Ok(w) => w,
+        Err(violation) => return Err(SendError::Fenced { peer, violation }),
+    };
+    if word.state != PeerState::Attached {
+        return Err(SendError::NotAttached {
+            peer,
+            state: word.state,
+        });
+    }
+    let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
+    let pool = segment.pool(peer, Direction::ToGuest).expect("in range");
+    match hp.outbox.send(&ring, &pool, meta, payload) {
+        Ok(()) => {
+            hp.stats.sent += 1;
+            Ok(())
+        }
+        Err(ChannelSendError::RingFull) => Err(SendError::WouldBlockRing(peer)),
+        Err(ChannelSendError::PoolExhausted) => Err(SendError::WouldBlockPool(peer)),
+        Err(ChannelSendError::TooLarge { len, max }) => Err(SendError::TooLarge { len, max }),
+        Err(ChannelSendError::Violation(violation)) => {
+            hp.fence(entry, word.generation, violation);
+            Err(SendError::Fenced { peer, violation })
+        }
+    }
+}
+
+/// One non-blocking receive pass over every guest (the body of `try_recv`).
+// shm[impl shm.host.fair-recv]
+fn recv_once(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    next_recv: &mut usize,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Received>, RecvError> {
+    let n = table.len();
+    for k in 0..n {
+        let index = (*next_recv + k) % n;
+        let peer = PeerId::from_index(index).expect("index < 255");
+        let entry = segment.peer(peer).expect("in range");
+        let hp = &mut table[index];
+        if hp.fenced.is_some() {
+            continue;
+        }
+        let word = hp
+            .observe(entry)
+            .map_err(|violation| RecvError { peer, violation })?;
+        if !matches!(word.state, PeerState::Attached | PeerState::Goodbye) {
+            continue;
+        }
+        let ring = segment.ring(peer, Direction::ToHost).expect("in range");
+        let pool = segment.pool(peer, Direction::ToHost).expect("in range");
+        match hp.inbox.recv(&ring, &pool, buf) {
+            Ok(Some(meta)) => {
+                hp.stats.received += 1;
+                *next_recv = (index + 1) % n;
+                return Ok(Some(Received { from: peer, meta }));
+            }
+            // shm[impl shm.delivery.to-host]: recycle only once drained.
+            Ok(None) if word.state == PeerState::Goodbye => {
+                peers::recycle(segment, peer, hp, word.generation);
+            }
+            Ok(None) => {}
+            Err(violation) => {
+                hp.fence(entry, word.generation, violation);
+                return Err(RecvError { peer, violation });
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn init_segment(backing: ShmBacking, config: SegmentConfig) -> Result<Segment, CreateError> {

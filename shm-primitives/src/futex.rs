@@ -6,46 +6,29 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
-// shm[impl shm.wake.shared-futex]
 /// Sleeps while `*word == expected`, for at most `timeout`. Returns on wake, on
 /// timeout, on a signal, or at once if the word already differs; callers re-check
 /// their condition in a loop.
-#[cfg(target_os = "linux")]
+// shm[impl shm.wake.shared-futex]
 pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = timespec(timeout);
-    // SAFETY: word points to a live, aligned u32 for the duration of the call; the
-    // kernel only reads it. FUTEX_WAIT (shared) with a relative timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        );
-    }
+    sys_wait(word.as_ptr().cast_const(), expected, timeout);
 }
 
 /// Wakes every waiter on `word`, in any process.
-#[cfg(target_os = "linux")]
 pub fn wake_all(word: &AtomicU32) {
-    // SAFETY: word points to a live, aligned u32; FUTEX_WAKE does not dereference
-    // anything else.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
-    }
+    sys_wake(word.as_ptr().cast_const());
 }
 
-/// Fallback for platforms without futexes: a short sleep (callers loop with a
-/// deadline).
-#[cfg(not(target_os = "linux"))]
-pub fn wait(_word: &AtomicU32, _expected: u32, timeout: Duration) {
-    std::thread::sleep(timeout.min(Duration::from_millis(1)));
+/// Sleeps while the low 32 bits of `word` equal `expected`, for at most `timeout`.
+/// The counter is never accessed as a u32 from Rust; only the kernel reads it so.
+pub fn wait_low_half(word: &AtomicU64, expected: u32, timeout: Duration) {
+    sys_wait(low_half(word), expected, timeout);
 }
 
-/// Fallback for platforms without futexes: nothing to wake.
-#[cfg(not(target_os = "linux"))]
-pub fn wake_all(_word: &AtomicU32) {}
+/// Wakes every waiter on the low half of `word`.
+pub fn wake_low_half(word: &AtomicU64) {
+    sys_wake(low_half(word));
+}
 
 /// The low 32 bits of a 64-bit counter, as the u32 futex word the kernel compares.
 fn low_half(word: &AtomicU64) -> *const u32 {
@@ -56,17 +39,18 @@ fn low_half(word: &AtomicU64) -> *const u32 {
     word.as_ptr().cast::<u32>().cast_const()
 }
 
-/// Sleeps while the low 32 bits of `word` equal `expected`, for at most `timeout`.
-/// The counter is never accessed as a u32 from Rust; only the kernel reads it so.
 #[cfg(target_os = "linux")]
-pub fn wait_low_half(word: &AtomicU64, expected: u32, timeout: Duration) {
-    let ts = timespec(timeout);
-    // SAFETY: the pointer is the first 4 bytes of a live, 8-aligned u64; FUTEX_WAIT
-    // (shared) only reads it.
+fn sys_wait(word: *const u32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: every caller passes a pointer to a live, 4-aligned u32 inside a mapping
+    // it borrows for the call; FUTEX_WAIT (shared) only reads it.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
-            low_half(word),
+            word,
             libc::FUTEX_WAIT,
             expected,
             &ts as *const libc::timespec,
@@ -74,29 +58,30 @@ pub fn wait_low_half(word: &AtomicU64, expected: u32, timeout: Duration) {
     }
 }
 
-/// Wakes every waiter on the low half of `word`.
+#[cfg(test)]
+thread_local! {
+    /// Wake system calls made by this thread (unit tests check that none are made
+    /// while nobody is parked).
+    pub(crate) static WAKE_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 #[cfg(target_os = "linux")]
-pub fn wake_low_half(word: &AtomicU64) {
+fn sys_wake(word: *const u32) {
+    #[cfg(test)]
+    WAKE_CALLS.with(|c| c.set(c.get() + 1));
     // SAFETY: as above; FUTEX_WAKE does not dereference anything else.
     unsafe {
-        libc::syscall(libc::SYS_futex, low_half(word), libc::FUTEX_WAKE, i32::MAX);
+        libc::syscall(libc::SYS_futex, word, libc::FUTEX_WAKE, i32::MAX);
     }
 }
 
-/// Fallback for platforms without futexes: a short sleep.
+/// Fallback for platforms without futexes: a short sleep (callers loop with a
+/// deadline).
 #[cfg(not(target_os = "linux"))]
-pub fn wait_low_half(_word: &AtomicU64, _expected: u32, timeout: Duration) {
+fn sys_wait(_word: *const u32, _expected: u32, timeout: Duration) {
     std::thread::sleep(timeout.min(Duration::from_millis(1)));
 }
 
 /// Fallback for platforms without futexes: nothing to wake.
 #[cfg(not(target_os = "linux"))]
-pub fn wake_low_half(_word: &AtomicU64) {}
-
-#[cfg(target_os = "linux")]
-fn timespec(timeout: Duration) -> libc::timespec {
-    libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    }
-}
+fn sys_wake(_word: *const u32) {}

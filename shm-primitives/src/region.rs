@@ -17,7 +17,7 @@ pub const REGION_ALIGN: usize = 4096;
 ///
 /// The bytes may be written concurrently by other processes, so a `Region` never hands
 /// out `&[u8]`; callers reach it through atomics (see [`Region::atomic_u64`]) or raw
-/// copies ([`Region::copy_out`], [`Region::copy_in`]).
+/// copies ([`Region::copy_out_to_vec`], [`Region::copy_in`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Region<'a> {
     base: NonNull<u8>,
@@ -92,21 +92,6 @@ impl<'a> Region<'a> {
     pub fn atomic_u64(&self, offset: usize) -> Option<&'a std::sync::atomic::AtomicU64> {
         // SAFETY: AtomicU64 is a single atomic integer.
         unsafe { self.view(offset) }
-    }
-
-    /// Copies `dst.len()` bytes out of the region at `offset`. Returns `false` (and
-    /// copies nothing) when the span does not fit.
-    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> bool {
-        match self.span(offset, dst.len()) {
-            Some(src) => {
-                // SAFETY: the span is in bounds (checked by span) and dst is a distinct
-                // private buffer. Concurrent writers can only tear the copied bytes;
-                // the copy is a raw byte copy, never a typed read.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), dst.len()) };
-                true
-            }
-            None => false,
-        }
     }
 
     /// Replaces the contents of `out` with the `len` bytes at `offset`, without
@@ -187,7 +172,8 @@ impl Drop for HeapRegion {
 pub struct MmapRegion {
     ptr: NonNull<u8>,
     len: usize,
-    file: File,
+    /// Held open for the mapping's life: for the host it carries the owner's flock.
+    _file: File,
 }
 
 // SAFETY: the mapping is owned by this value; access goes through Region.
@@ -224,7 +210,11 @@ impl MmapRegion {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { ptr, len, file })
+        Ok(Self {
+            ptr,
+            len,
+            _file: file,
+        })
     }
 
     /// File mappings are not supported on this platform yet.
@@ -242,11 +232,6 @@ impl MmapRegion {
     // shm[impl shm.file.mmap-windows]
     pub const fn supported() -> bool {
         cfg!(unix)
-    }
-
-    /// The mapped file.
-    pub fn file(&self) -> &File {
-        &self.file
     }
 
     /// The region this mapping holds.
@@ -283,14 +268,6 @@ impl ShmBacking {
         match self {
             ShmBacking::Heap(h) => h.region(),
             ShmBacking::Mmap(m) => m.region(),
-        }
-    }
-
-    /// The mapped file, when file-backed.
-    pub fn file(&self) -> Option<&File> {
-        match self {
-            ShmBacking::Heap(_) => None,
-            ShmBacking::Mmap(m) => Some(m.file()),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use crate::header::{HeaderError, SegmentHeader, HEADER_SIZE};
+use crate::header::{HeaderError, SegmentHeader};
 use crate::layout::{Direction, LayoutError, SegmentConfig, SegmentLayout};
 use crate::peer::{PeerEntry, PeerId};
 use crate::region::{Region, ShmBacking};
@@ -94,7 +94,6 @@ impl Segment {
 
     /// The header.
     pub fn header(&self) -> &SegmentHeader {
-        const _: () = assert!(HEADER_SIZE == std::mem::size_of::<SegmentHeader>());
         Self::header_of(self.backing.region()).expect("checked at construction")
     }
 
@@ -317,6 +316,35 @@ mod tests {
         assert_eq!(pool.usage().in_use, 0);
     }
 
+    // shm[verify shm.wake.signal]
+    #[test]
+    fn no_wake_syscall_unless_the_other_side_is_parked() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let wakes = || crate::futex::WAKE_CALLS.with(|c| c.get());
+        let seg = heap_segment(SegmentConfig::default());
+        let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
+        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let mut buf = Vec::new();
+        let before = wakes();
+        for n in 0..100u64 {
+            tx.send(&ring, &pool, Meta::new(1, n), &[1u8; 100]).unwrap();
+            rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+        }
+        assert_eq!(wakes(), before, "busy peers: no system call at all");
+        let off = seg.layout().ring_offset(0, Direction::ToGuest) as usize;
+        let region = seg.backing().region();
+        // The consumer is parked: one publish, one wake.
+        region.atomic_u64(off + 8).unwrap().store(1, SeqCst);
+        tx.send(&ring, &pool, Meta::new(1, 0), b"x").unwrap();
+        assert_eq!(wakes(), before + 1);
+        region.atomic_u64(off + 8).unwrap().store(0, SeqCst);
+        // The producer is parked: one receive, one wake.
+        region.atomic_u64(off + 72).unwrap().store(1, SeqCst);
+        rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+        assert_eq!(wakes(), before + 2);
+    }
+
     // shm[verify shm.ring.full]
     // shm[verify shm.slot.exhausted]
     #[test]
@@ -383,18 +411,15 @@ mod tests {
             "tail behind head"
         );
         // A tail that claims one descriptor that was never written: seq mismatch.
+        let empty = || crate::desc::Descriptor {
+            seq: 0,
+            meta: Meta::default(),
+            payload_len: 0,
+            body: crate::desc::Body::Inline([0; 36]),
+        };
         let mut p = Producer::new();
         header.tail.store(0, std::sync::atomic::Ordering::Release);
-        p.push(
-            &ring,
-            crate::desc::Descriptor {
-                seq: 0,
-                meta: Meta::default(),
-                payload_len: 0,
-                body: crate::desc::Body::Inline([0; 36]),
-            },
-        )
-        .unwrap();
+        p.push(&ring, empty()).unwrap();
         header.tail.store(2, std::sync::atomic::Ordering::Release);
         assert!(c.peek(&ring).unwrap().is_some());
         c.advance(&ring);
@@ -409,26 +434,10 @@ mod tests {
         header.head.store(100, std::sync::atomic::Ordering::Release);
         let mut p = Producer::new();
         for _ in 0..8 {
-            let _ = p.push(
-                &ring,
-                crate::desc::Descriptor {
-                    seq: 0,
-                    meta: Meta::default(),
-                    payload_len: 0,
-                    body: crate::desc::Body::Inline([0; 36]),
-                },
-            );
+            let _ = p.push(&ring, empty());
         }
         assert!(matches!(
-            p.push(
-                &ring,
-                crate::desc::Descriptor {
-                    seq: 0,
-                    meta: Meta::default(),
-                    payload_len: 0,
-                    body: crate::desc::Body::Inline([0; 36]),
-                }
-            ),
+            p.push(&ring, empty()),
             Err(PushError::Violation(Violation::RingIndex { .. }))
         ));
     }

@@ -211,14 +211,6 @@ impl<'a> PoolView<'a> {
             && self.region.copy_in(self.data_at(index), src)
     }
 
-    /// Copies the first `dst.len()` bytes of slot `index` (which the caller has
-    /// claimed) into `dst`; returns false when out of range.
-    pub fn read(&self, index: u32, dst: &mut [u8]) -> bool {
-        index < self.count()
-            && dst.len() <= self.slot_size as usize
-            && self.region.copy_out(self.data_at(index), dst)
-    }
-
     /// Replaces `out` with the first `len` bytes of slot `index` (which the caller has
     /// claimed); returns false when out of range.
     pub fn read_to_vec(&self, index: u32, len: u32, out: &mut Vec<u8>) -> bool {
