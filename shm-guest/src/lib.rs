@@ -14,26 +14,38 @@
 
 #![warn(missing_docs)]
 
+mod ticket;
+mod watch;
+
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shm_primitives::crash::{self, CrashPoint};
 use shm_primitives::header::HEADER_SIZE;
-use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, Segment};
+use shm_primitives::lock;
+use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment};
 pub use shm_primitives::{
     Direction, HeaderError, Meta, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
     INLINE_CAPACITY,
 };
+pub use ticket::TicketError;
+use watch::HostWatch;
+pub use watch::{HostDeathCause, DEFAULT_LIVENESS_INTERVAL};
 
 /// How to attach.
 #[derive(Debug, Clone, Copy)]
 pub struct AttachOptions {
     /// Claim this Reserved entry (and nothing else); `None` claims any Empty entry.
     pub peer_id: Option<PeerId>,
+    /// With `peer_id`: claim the reservation only if it is of this generation (a spawn
+    /// ticket carries it, so a stale child cannot take a later reservation).
+    pub generation: Option<u32>,
     /// How long to wait for the file to appear and the segment to become ready.
     pub timeout: Duration,
 }
@@ -42,6 +54,7 @@ impl Default for AttachOptions {
     fn default() -> Self {
         Self {
             peer_id: None,
+            generation: None,
             timeout: Duration::from_secs(5),
         }
     }
@@ -81,9 +94,30 @@ pub enum AttachError {
         /// Its state (`None`: not a valid state word).
         state: Option<PeerState>,
     },
+    /// The reservation is of another generation than the ticket's: the ticket is
+    /// stale (`shm.spawn.generation`).
+    #[error("{peer} is reserved at generation {found}, the ticket is for {expected}")]
+    StaleTicket {
+        /// The id.
+        peer: PeerId,
+        /// The ticket's generation.
+        expected: u32,
+        /// The entry's.
+        found: u32,
+    },
     /// No Empty entry is left.
     #[error("the peer table is full")]
     TableFull,
+    /// The segment's host is dead (no process holds its lock): nothing would ever
+    /// serve this guest (`shm.live.attach-dead-host`).
+    #[error("the segment's host is dead")]
+    HostDead,
+    /// The segment's host closed it.
+    #[error("the segment's host has closed it")]
+    HostClosed,
+    /// The spawn ticket (arguments or environment) is missing or invalid.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
     /// A system call failed.
     #[error("{op}: {source}")]
     Io {
@@ -158,6 +192,12 @@ pub enum DetachedError {
         /// Its generation now.
         generation: u32,
     },
+    /// The host closed the segment (its graceful goodbye).
+    #[error("the host closed the segment")]
+    HostClosed,
+    /// The host died (`shm.live.host-death`).
+    #[error("the host is dead ({0:?})")]
+    HostDead(HostDeathCause),
 }
 
 /// A guest attached to a segment.
@@ -170,6 +210,7 @@ pub struct ShmGuest {
     report: AttachReport,
     attached: bool,
     wait: WaitPolicy,
+    watch: HostWatch,
 }
 
 impl std::fmt::Debug for ShmGuest {
@@ -233,6 +274,15 @@ impl ShmGuest {
             }
         }
         let layout = header.validate(file_len)?;
+        // shm[impl shm.live.attach-dead-host]
+        if header.is_closed() {
+            return Err(AttachError::HostClosed);
+        }
+        let host_alive = lock::is_locked_by_other(&file, lock::HOST_LOCK_BYTE)
+            .map_err(io("test the host lock"))?;
+        if !host_alive {
+            return Err(AttachError::HostDead);
+        }
         drop(head_map);
         let map = MmapRegion::map(file, layout.total_size as usize).map_err(io("mmap segment"))?;
         let mut guest = Self::attach_backing(ShmBacking::Mmap(Arc::new(map)), options)?;
@@ -258,8 +308,10 @@ impl ShmGuest {
             }
         }
         let segment = Segment::attach(backing)?;
-        let (id, generation) = claim(&segment, options.peer_id)?;
+        let (id, generation) = claim(&segment, &options, start + options.timeout)?;
+        crash::point(CrashPoint::AfterClaim);
         report.elapsed = start.elapsed();
+        let watch = HostWatch::new(&segment);
         Ok(Self {
             segment,
             id,
@@ -269,7 +321,49 @@ impl ShmGuest {
             report,
             attached: true,
             wait: WaitPolicy::default(),
+            watch,
         })
+    }
+
+    /// Attaches with the spawn ticket in this process's environment
+    /// (`SHMHUB_HUB_PATH`, `SHMHUB_PEER_ID`, `SHMHUB_PEER_GENERATION`,
+    /// `SHMHUB_DOORBELL_FD`, `SHMHUB_ATTACH_TIMEOUT_MS`), as set by the host's
+    /// `SpawnTicket::configure` or `ShmHost::spawn`.
+    // shm[impl shm.spawn.child]
+    pub fn from_env() -> Result<Self, AttachError> {
+        let ticket = ticket::Ticket::from_env()?;
+        Self::from_ticket(ticket)
+    }
+
+    /// Attaches with a spawn ticket given as command-line arguments (`--hub-path P
+    /// --peer-id N --peer-generation G --doorbell-fd F [--attach-timeout-ms T]`);
+    /// other arguments are ignored, so a child can pass its whole argument list.
+    // shm[impl shm.spawn.child]
+    pub fn from_ticket_args<I, S>(args: I) -> Result<Self, AttachError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        let ticket = ticket::Ticket::from_args(args)?;
+        Self::from_ticket(ticket)
+    }
+
+    fn from_ticket(ticket: ticket::Ticket) -> Result<Self, AttachError> {
+        let doorbell = ticket.take_doorbell()?;
+        let options = AttachOptions {
+            peer_id: Some(ticket.peer),
+            generation: Some(ticket.generation),
+            timeout: ticket.attach_timeout,
+        };
+        let mut guest = Self::attach_path_with(&ticket.path, options)?;
+        guest.watch.set_doorbell(doorbell);
+        Ok(guest)
+    }
+
+    /// How often this guest checks that its host is alive while it is idle or
+    /// blocked (default [`DEFAULT_LIVENESS_INTERVAL`]).
+    pub fn set_liveness_interval(&mut self, interval: Duration) {
+        self.watch.set_interval(interval);
     }
 
     /// This guest's id.
@@ -301,18 +395,29 @@ impl ShmGuest {
     /// through a slot. Never blocks; back-pressure is a `WouldBlock` error.
     pub fn try_send(&mut self, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
         let me = (self.id, self.generation);
-        send_once(&self.segment, me, &mut self.outbox, meta, payload)
+        let sent = send_once(
+            &self.segment,
+            me,
+            &mut self.watch,
+            &mut self.outbox,
+            meta,
+            payload,
+        );
+        if matches!(&sent, Err(e) if e.is_would_block()) {
+            self.watch.check_if_due(&self.segment)?;
+        }
+        sent
     }
 
     /// Receives one message from the host into `buf` (replacing its contents), or
     /// `None` when there is none.
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
-        recv_once(
-            &self.segment,
-            (self.id, self.generation),
-            &mut self.inbox,
-            buf,
-        )
+        let me = (self.id, self.generation);
+        let got = recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)?;
+        if got.is_none() {
+            self.watch.check_if_due(&self.segment)?;
+        }
+        Ok(got)
     }
 
     /// How blocking calls wait: spin rounds before parking (default: adaptive).
@@ -322,8 +427,10 @@ impl ShmGuest {
 
     /// Receives one message, waiting up to `timeout` (`Ok(None)` when it passes).
     /// While idle the guest sleeps on its ring's producer counter with a shared futex;
-    /// the host wakes it only if it is parked.
+    /// the host wakes it only if it is parked. It wakes at least once per liveness
+    /// interval to check that the host is alive.
     // shm[impl shm.wake.park]
+    // shm[impl shm.live.host-death]
     pub fn recv(
         &mut self,
         buf: &mut Vec<u8>,
@@ -334,9 +441,20 @@ impl ShmGuest {
             .segment
             .ring(self.id, Direction::ToGuest)
             .expect("validated id");
-        shm_primitives::wait::wait_for(self.wait, timeout, &ring.data_bell(), || {
-            recv_once(&self.segment, me, &mut self.inbox, buf)
-        })
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let slice = self.watch.slice_until(deadline);
+            let got = shm_primitives::wait::wait_for(self.wait, slice, &ring.data_bell(), || {
+                recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)
+            })?;
+            if got.is_some() {
+                return Ok(got);
+            }
+            self.watch.check_if_due(&self.segment)?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
     }
 
     /// Sends one message, waiting up to `timeout` for ring space and a free slot.
@@ -347,14 +465,33 @@ impl ShmGuest {
             .segment
             .ring(self.id, Direction::ToHost)
             .expect("validated id");
-        let sent = shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || {
-            match send_once(&self.segment, me, &mut self.outbox, meta, payload) {
-                Ok(()) => Ok(Some(())),
-                Err(e) if e.is_would_block() => Ok(None),
-                Err(e) => Err(e),
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let slice = self.watch.slice_until(deadline);
+            let sent =
+                shm_primitives::wait::wait_for(self.wait, slice, &ring.space_bell(), || {
+                    let once = send_once(
+                        &self.segment,
+                        me,
+                        &mut self.watch,
+                        &mut self.outbox,
+                        meta,
+                        payload,
+                    );
+                    match once {
+                        Ok(()) => Ok(Some(())),
+                        Err(e) if e.is_would_block() => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })?;
+            if sent.is_some() {
+                return Ok(());
             }
-        })?;
-        sent.ok_or(SendError::TimedOut)
+            self.watch.check_if_due(&self.segment)?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(SendError::TimedOut);
+            }
+        }
     }
 
     /// Leaves the segment: Attached -> Goodbye, this guest's last write. The host
@@ -379,8 +516,23 @@ impl Drop for ShmGuest {
     }
 }
 
-/// Checks that entry `id` is still Attached with our generation.
-fn check_attached(segment: &Segment, (id, generation): (PeerId, u32)) -> Result<(), DetachedError> {
+/// The guest's end of its doorbell, for a guest started with a spawn ticket; a guest
+/// that attached by path has none and this is `None`.
+impl ShmGuest {
+    /// The doorbell descriptor (spawned guests only).
+    pub fn doorbell(&self) -> Option<BorrowedFd<'_>> {
+        self.watch.doorbell().map(|fd: &OwnedFd| fd.as_fd())
+    }
+}
+
+/// Checks that the host is alive and that entry `id` is still Attached with our
+/// generation.
+fn check_attached(
+    segment: &Segment,
+    (id, generation): (PeerId, u32),
+    watch: &mut HostWatch,
+) -> Result<(), DetachedError> {
+    watch.check_cheap(segment)?;
     let entry = segment.peer(id).expect("validated id");
     match entry.load() {
         Ok(w) if w.state == PeerState::Attached && w.generation == generation => Ok(()),
@@ -403,11 +555,12 @@ fn check_attached(segment: &Segment, (id, generation): (PeerId, u32)) -> Result<
 fn send_once(
     segment: &Segment,
     me: (PeerId, u32),
+    watch: &mut HostWatch,
     outbox: &mut Outbox,
     meta: Meta,
     payload: &[u8],
 ) -> Result<(), SendError> {
-    check_attached(segment, me)?;
+    check_attached(segment, me, watch)?;
     let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
     let pool = segment.pool(me.0, Direction::ToHost).expect("validated id");
     outbox
@@ -427,10 +580,11 @@ fn send_once(
 fn recv_once(
     segment: &Segment,
     me: (PeerId, u32),
+    watch: &mut HostWatch,
     inbox: &mut Inbox,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Meta>, RecvError> {
-    check_attached(segment, me)?;
+    check_attached(segment, me, watch)?;
     let ring = segment
         .ring(me.0, Direction::ToGuest)
         .expect("validated id");
@@ -476,27 +630,85 @@ fn open_waiting(
     }
 }
 
-/// Claims `wanted` (which must be Reserved) or any Empty entry.
+/// Claims `options.peer_id` (which must be Reserved, at `options.generation` if
+/// given) or any Empty entry. On a file-backed segment the guest first takes the
+/// liveness lock of the entry and keeps it for as long as it maps the segment; a held
+/// lock means a live guest still owns (or is leaving) the entry.
 // shm[impl shm.peer.attach-path]
 // shm[impl shm.peer.attach-reserved]
-fn claim(segment: &Segment, wanted: Option<PeerId>) -> Result<(PeerId, u32), AttachError> {
+// shm[impl shm.live.guest-lock]
+// shm[impl shm.spawn.generation]
+fn claim(
+    segment: &Segment,
+    options: &AttachOptions,
+    deadline: Instant,
+) -> Result<(PeerId, u32), AttachError> {
     let pid = std::process::id();
-    if let Some(peer) = wanted {
+    let file = segment.backing().file();
+    let lock_entry =
+        |peer: PeerId| -> Result<bool, AttachError> {
+            match file {
+                Some(f) => lock::try_lock(f, segment.layout().peer_offset(peer.index())).map_err(
+                    |source| AttachError::Io {
+                        op: "lock peer entry",
+                        source,
+                    },
+                ),
+                None => Ok(true),
+            }
+        };
+    let unlock_entry = |peer: PeerId| {
+        if let Some(f) = file {
+            let _ = lock::unlock(f, segment.layout().peer_offset(peer.index()));
+        }
+    };
+    if let Some(peer) = options.peer_id {
         let entry = segment.peer(peer).ok_or(AttachError::NoSuchPeer(peer))?;
-        return match entry.try_claim(PeerState::Reserved, pid) {
+        let not_reserved = |word: Option<PeerWord>| AttachError::NotReserved {
+            peer,
+            state: word.map(|w| w.state),
+        };
+        match entry.load().ok() {
+            Some(w) if w.state == PeerState::Reserved => match options.generation {
+                Some(expected) if expected != w.generation => {
+                    return Err(AttachError::StaleTicket {
+                        peer,
+                        expected,
+                        found: w.generation,
+                    })
+                }
+                _ => {}
+            },
+            other => return Err(not_reserved(other)),
+        }
+        // The entry's previous guest may still be unmapping: wait for its lock.
+        let mut backoff = Duration::from_micros(50);
+        while !lock_entry(peer)? {
+            if Instant::now() >= deadline {
+                return Err(not_reserved(entry.load().ok()));
+            }
+            // Bounded poll: a lock release cannot be waited for with a timeout.
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(5));
+        }
+        return match entry.try_claim_at(PeerState::Reserved, options.generation, pid) {
             Ok(generation) => Ok((peer, generation)),
-            Err(word) => Err(AttachError::NotReserved {
-                peer,
-                state: word.map(|w| w.state),
-            }),
+            Err(word) => {
+                unlock_entry(peer);
+                Err(not_reserved(word))
+            }
         };
     }
     let n = segment.layout().config.max_guests as usize;
     for index in 0..n {
         let peer = PeerId::from_index(index).expect("index < 255");
         let entry = segment.peer(peer).expect("in range");
-        if let Ok(generation) = entry.try_claim(PeerState::Empty, pid) {
-            return Ok((peer, generation));
+        if !matches!(entry.load(), Ok(w) if w.state == PeerState::Empty) || !lock_entry(peer)? {
+            continue;
+        }
+        match entry.try_claim_at(PeerState::Empty, None, pid) {
+            Ok(generation) => return Ok((peer, generation)),
+            Err(_) => unlock_entry(peer),
         }
     }
     Err(AttachError::TableFull)

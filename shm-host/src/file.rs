@@ -7,6 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use shm_primitives::lock::{self, HOST_LOCK_BYTE};
+
 use crate::CreateError;
 
 /// Directory segments live in by convention.
@@ -75,7 +77,10 @@ impl TempSegment {
         // The umask can only narrow the mode given at open; set it exactly anyway.
         file.set_permissions(std::fs::Permissions::from_mode(SEGMENT_MODE))
             .map_err(io_err("fchmod"))?;
-        lock_exclusive(file).map_err(io_err("flock segment"))?;
+        // shm[impl shm.live.host-lock]
+        if !lock::try_lock(file, HOST_LOCK_BYTE).map_err(io_err("lock segment"))? {
+            return Err(io_err("lock segment")(io::ErrorKind::WouldBlock.into()));
+        }
         file.set_len(size).map_err(io_err("ftruncate"))?;
         reserve(file, size)?;
         Ok(tmp)
@@ -93,7 +98,13 @@ impl TempSegment {
     // shm[impl shm.file.stale]
     pub fn install(mut self, target: &Path) -> Result<File, CreateError> {
         for _ in 0..64 {
-            match File::open(target) {
+            // Read-write: a write lock needs a writable descriptor.
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(target)
+            {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // link() fails if someone else installed first: no silent replace.
                     match std::fs::hard_link(&self.path, target) {
@@ -107,7 +118,9 @@ impl TempSegment {
                 }
                 Err(e) => return Err(io_err("open existing segment")(e)),
                 Ok(old) => {
-                    if !try_lock_exclusive(&old).map_err(io_err("flock existing segment"))? {
+                    let dead = lock::try_lock(&old, HOST_LOCK_BYTE)
+                        .map_err(io_err("lock existing segment"))?;
+                    if !dead {
                         return Err(CreateError::InUse(target.to_path_buf()));
                     }
                     // We hold the old owner's lock: it is dead. Replace it only if the
@@ -133,29 +146,6 @@ impl Drop for TempSegment {
         if self.file.is_some() {
             let _ = std::fs::remove_file(&self.path);
         }
-    }
-}
-
-fn lock_exclusive(file: &File) -> io::Result<()> {
-    if try_lock_exclusive(file)? {
-        Ok(())
-    } else {
-        Err(io::Error::from(io::ErrorKind::WouldBlock))
-    }
-}
-
-/// Non-blocking `flock(LOCK_EX)`; `Ok(false)` when another open file holds it.
-pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a valid fd has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
     }
 }
 

@@ -15,12 +15,15 @@
 #![warn(missing_docs)]
 
 mod file;
+mod liveness;
 mod peers;
+mod spawn;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment};
 pub use shm_primitives::{
@@ -30,8 +33,12 @@ pub use shm_primitives::{
 
 use file::{io_err, InstalledPath, TempSegment};
 pub use file::{segment_path, SEGMENT_DIR, SEGMENT_MODE, SEGMENT_PREFIX};
+use liveness::ChildLink;
+pub use liveness::{Death, DeathCause, DEFAULT_LIVENESS_INTERVAL};
 use peers::HostPeer;
-pub use peers::{PeerInfo, PeerStats};
+pub use peers::{PeerInfo, PeerStats, PeerUsage};
+pub use shm_primitives::slot::PoolUsage;
+pub use spawn::{GuestOptions, SpawnError, SpawnTicket, SpawnedGuest};
 
 /// Why a segment could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,15 @@ pub enum SendError {
     /// A blocking send found no ring space or slot before its timeout.
     #[error("no room towards {0} before the timeout")]
     TimedOut(PeerId),
+    /// The handle names a guest incarnation that is gone: the entry now holds
+    /// generation `now` (`shm.recover.stale-handle`).
+    #[error("{} generation {} is gone (entry now at generation {now})", handle.id, handle.generation)]
+    Stale {
+        /// The handle used.
+        handle: PeerHandle,
+        /// The entry's generation now.
+        now: u32,
+    },
 }
 
 impl SendError {
@@ -142,14 +158,65 @@ pub enum PeerError {
     },
 }
 
+/// One guest incarnation: a peer id and the generation the guest holds. Sending
+/// through a handle reaches that guest or fails with [`SendError::Stale`]; it never
+/// reaches a later guest that reuses the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerHandle {
+    /// The entry.
+    pub id: PeerId,
+    /// The generation of the guest it names.
+    pub generation: u32,
+}
+
+/// Whom a send goes to: a [`PeerId`] (whichever guest holds the entry now) or a
+/// [`PeerHandle`] (that guest only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    id: PeerId,
+    generation: Option<u32>,
+}
+
+impl From<PeerId> for Target {
+    fn from(id: PeerId) -> Self {
+        Self {
+            id,
+            generation: None,
+        }
+    }
+}
+
+impl From<PeerHandle> for Target {
+    fn from(h: PeerHandle) -> Self {
+        Self {
+            id: h.id,
+            generation: Some(h.generation),
+        }
+    }
+}
+
 /// A message received by the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     /// The guest that sent it.
     pub from: PeerId,
+    /// The sender's generation.
+    pub generation: u32,
     /// Its header.
     pub meta: Meta,
 }
+
+impl Received {
+    /// A handle to the sender, for replies that must not reach a later guest.
+    pub fn handle(&self) -> PeerHandle {
+        PeerHandle {
+            id: self.from,
+            generation: self.generation,
+        }
+    }
+}
+
+type DeathHook = Box<dyn FnMut(&Death) + Send>;
 
 /// The host of a segment: creates it, reserves peer ids, and exchanges messages with
 /// every attached guest.
@@ -163,6 +230,12 @@ pub struct ShmHost {
     peers: Vec<HostPeer>,
     next_recv: usize,
     wait: WaitPolicy,
+    liveness_interval: Duration,
+    next_liveness: Instant,
+    heartbeat: Option<Duration>,
+    next_beat: Instant,
+    death_hooks: Vec<DeathHook>,
+    poll_scratch: Vec<libc::pollfd>,
 }
 
 impl ShmHost {
@@ -209,6 +282,12 @@ impl ShmHost {
             peers: (0..n).map(|_| HostPeer::default()).collect(),
             next_recv: 0,
             wait: WaitPolicy::default(),
+            liveness_interval: DEFAULT_LIVENESS_INTERVAL,
+            next_liveness: Instant::now(),
+            heartbeat: None,
+            next_beat: Instant::now(),
+            death_hooks: Vec::new(),
+            poll_scratch: Vec::new(),
             installed,
         }
     }
@@ -292,8 +371,13 @@ impl ShmHost {
     /// Sends one message to `peer`: inline when the payload fits in the descriptor
     /// (`INLINE_CAPACITY` bytes), otherwise through a slot. Never blocks; a full ring
     /// or pool is a `WouldBlock` error and nothing is published.
-    pub fn try_send(&mut self, peer: PeerId, meta: Meta, payload: &[u8]) -> Result<(), SendError> {
-        send_once(&self.segment, &mut self.peers, peer, meta, payload)
+    pub fn try_send(
+        &mut self,
+        to: impl Into<Target>,
+        meta: Meta,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        send_once(&self.segment, &mut self.peers, to.into(), meta, payload)
     }
 
     /// Receives one message from any guest into `buf` (replacing its contents).
@@ -303,8 +387,15 @@ impl ShmHost {
     /// Entries whose guest said goodbye are recycled once their messages are drained.
     /// A guest that broke the protocol is fenced and reported once as `Err`; the call
     /// can be repeated at once for the others.
+    ///
+    /// When no guest has anything, and at most once per liveness interval, it also
+    /// checks which guests died and recovers their entries (`shm.live.tick`).
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
-        recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
+        let got = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)?;
+        if got.is_none() {
+            self.check_liveness_if_due();
+        }
+        Ok(got)
     }
 
     /// How blocking calls wait: spin rounds before parking (default: adaptive).
@@ -314,48 +405,198 @@ impl ShmHost {
 
     /// Receives one message from any guest, waiting up to `timeout`; `Ok(None)` when
     /// the timeout passes first. While idle the host sleeps on the host-wide bell (a
-    /// shared futex every guest rings after publishing while the host is parked).
+    /// shared futex every guest rings after publishing while the host is parked),
+    /// waking at least once per liveness interval to detect and recover dead guests.
     // shm[impl shm.wake.host-bell]
+    // shm[impl shm.live.tick]
     pub fn recv(
         &mut self,
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Received>, RecvError> {
-        let bell = self.segment.header().host_bell();
-        shm_primitives::wait::wait_for(self.wait, timeout, &bell, || {
-            recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
-        })
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let slice = slice_until(deadline, self.liveness_interval);
+            let bell = self.segment.header().host_bell();
+            let got = shm_primitives::wait::wait_for(self.wait, slice, &bell, || {
+                recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
+            })?;
+            if got.is_some() {
+                return Ok(got);
+            }
+            self.check_liveness_if_due();
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
     }
 
-    /// Sends one message to `peer`, waiting up to `timeout` for ring space and a free
-    /// slot (parked on the ring's consumer counter, woken when the guest consumes).
+    /// Sends one message, waiting up to `timeout` for ring space and a free slot
+    /// (parked on the ring's consumer counter, woken when the guest consumes). A guest
+    /// that dies meanwhile ends the wait with an error within one liveness interval.
     // shm[impl shm.wake.space]
     pub fn send(
         &mut self,
-        peer: PeerId,
+        to: impl Into<Target>,
         meta: Meta,
         payload: &[u8],
         timeout: Duration,
     ) -> Result<(), SendError> {
-        let ring = self
-            .segment
-            .ring(peer, Direction::ToGuest)
-            .ok_or(SendError::NoSuchPeer(peer))?;
-        let sent = shm_primitives::wait::wait_for(self.wait, timeout, &ring.space_bell(), || {
-            match send_once(&self.segment, &mut self.peers, peer, meta, payload) {
-                Ok(()) => Ok(Some(())),
-                Err(e) if e.is_would_block() => Ok(None),
-                Err(e) => Err(e),
+        let to = to.into();
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let ring = self
+                .segment
+                .ring(to.id, Direction::ToGuest)
+                .ok_or(SendError::NoSuchPeer(to.id))?;
+            let slice = slice_until(deadline, self.liveness_interval);
+            let sent =
+                shm_primitives::wait::wait_for(self.wait, slice, &ring.space_bell(), || {
+                    match send_once(&self.segment, &mut self.peers, to, meta, payload) {
+                        Ok(()) => Ok(Some(())),
+                        Err(e) if e.is_would_block() => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })?;
+            if sent.is_some() {
+                return Ok(());
             }
+            self.check_liveness_if_due();
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(SendError::TimedOut(to.id));
+            }
+        }
+    }
+
+    /// How often liveness is checked while the host is inside `recv`, `try_recv`,
+    /// `send` or `maintain` (default [`DEFAULT_LIVENESS_INTERVAL`]): the bound on how
+    /// long a dead guest goes unnoticed while the host is serving.
+    pub fn set_liveness_interval(&mut self, interval: Duration) {
+        self.liveness_interval = interval.max(Duration::from_micros(100));
+    }
+
+    /// Turns the heartbeat on (guests that see no beat for twice `interval` report the
+    /// host dead) or off. The host beats from its liveness checks, so it must call
+    /// into its API at least that often (`shm.live.heartbeat`).
+    // shm[impl shm.live.heartbeat]
+    pub fn set_heartbeat(&mut self, interval: Option<Duration>) {
+        let ms = interval.map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+        self.heartbeat = interval.map(|_| Duration::from_millis(u64::from(ms)));
+        self.liveness_interval = match self.heartbeat {
+            Some(beat) => self.liveness_interval.min(beat / 2),
+            None => self.liveness_interval,
+        };
+        self.segment.header().set_heartbeat_interval_ms(ms);
+        self.segment.header().beat();
+    }
+
+    /// Registers a callback run once for every guest death the host detects, after
+    /// the dead guest's entry has been recovered (`shm.recover.callback`). Callbacks
+    /// run inside the host call that detected the death, in registration order.
+    pub fn on_death(&mut self, callback: impl FnMut(&Death) + Send + 'static) {
+        self.death_hooks.push(Box::new(callback));
+    }
+
+    /// Slot and ring occupancy of one entry, for accounting (read from shared memory,
+    /// so informational only).
+    pub fn peer_usage(&self, peer: PeerId) -> Option<PeerUsage> {
+        peers::usage(&self.segment, peer)
+    }
+
+    /// Reserves an entry for a child this host is about to start and creates its
+    /// doorbell (a socket pair: the host keeps one end, the ticket carries the other).
+    /// Hand the ticket to the child (see [`SpawnTicket::configure`]); if no child ever
+    /// holds the doorbell, or the child dies before attaching, the reservation is
+    /// released (`shm.spawn.failure`).
+    // shm[impl shm.spawn.ticket]
+    pub fn prepare_guest(
+        &mut self,
+        options: GuestOptions,
+    ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
+        let path = self.path().ok_or(SpawnError::NoPath)?.to_path_buf();
+        let (host_end, child_end) = spawn::doorbell_pair().map_err(|source| SpawnError::Io {
+            op: "socketpair",
+            source,
         })?;
-        sent.ok_or(SendError::TimedOut(peer))
+        let id = self.reserve_peer()?;
+        let generation = self
+            .segment
+            .peer(id)
+            .and_then(|e| e.load().ok())
+            .map_or(0, |w| w.generation);
+        let handle = spawn::peer_handle(id, generation);
+        self.peers[id.index()].child = Some(ChildLink {
+            doorbell: host_end,
+            pidfd: None,
+            child: None,
+        });
+        let ticket = SpawnTicket {
+            path,
+            handle,
+            child_end,
+            attach_timeout: options.attach_timeout,
+        };
+        Ok((handle, ticket))
+    }
+
+    /// Prepares a ticket, passes it to `cmd` through the environment, spawns the
+    /// child and keeps its pidfd (and reaps it when it dies). If the spawn fails the
+    /// reservation is released and nothing is left behind (`shm.spawn.failure`).
+    // shm[impl shm.spawn.pidfd]
+    // shm[impl shm.spawn.failure]
+    pub fn spawn(&mut self, cmd: &mut Command) -> Result<SpawnedGuest, SpawnError> {
+        let (handle, ticket) = self.prepare_guest(GuestOptions::default())?;
+        ticket.configure(cmd);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                drop(ticket);
+                self.peers[handle.id.index()].child = None;
+                let _ = self.release_reservation(handle.id);
+                return Err(SpawnError::Io {
+                    op: "spawn guest",
+                    source,
+                });
+            }
+        };
+        // Our copy of the child's end must go, or the child's death is no hang-up.
+        drop(ticket);
+        let pid = child.id();
+        let link = self.peers[handle.id.index()]
+            .child
+            .as_mut()
+            .expect("set by prepare_guest");
+        link.pidfd = liveness::pidfd_open(pid);
+        link.child = Some(child);
+        Ok(SpawnedGuest { handle, pid })
+    }
+
+    /// Sends `signal` to a guest this host spawned (through its pidfd, so a recycled
+    /// pid is never hit). Fails if the handle is stale or the guest was not spawned by
+    /// [`spawn`](Self::spawn).
+    pub fn signal_guest(&self, handle: PeerHandle, signal: i32) -> io::Result<()> {
+        let word = self.segment.peer(handle.id).and_then(|e| e.load().ok());
+        let link = self
+            .peers
+            .get(handle.id.index())
+            .and_then(|p| p.child.as_ref());
+        match (word, link.and_then(|l| l.pidfd.as_ref())) {
+            (Some(w), Some(pidfd)) if w.generation == handle.generation => {
+                liveness::pidfd_signal(pidfd, signal)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no spawned guest with this handle",
+            )),
+        }
     }
 
     /// Recycles every entry whose guest said goodbye and whose messages to the host
-    /// are all delivered; returns how many were recycled. `try_recv` does this too.
+    /// are all delivered, and recovers the entries of guests that died; returns how
+    /// many entries went back to Empty. `try_recv` and `recv` do this too.
     // shm[impl shm.peer.recycle]
     pub fn maintain(&mut self) -> usize {
-        let mut recycled = 0;
+        let mut recycled = self.check_liveness();
         for index in 0..self.peers.len() {
             let peer = PeerId::from_index(index).expect("index < 255");
             let entry = self.segment.peer(peer).expect("in range");
@@ -384,23 +625,142 @@ impl ShmHost {
         }
         recycled
     }
+
+    fn check_liveness_if_due(&mut self) {
+        if Instant::now() >= self.next_liveness {
+            self.check_liveness();
+        }
+    }
+
+    /// One liveness pass (`shm.live.guest-death`): polls every spawned child's pidfd
+    /// and doorbell in one system call, tests the liveness lock of every other
+    /// attached guest, and recovers each dead guest's entry. Returns how many entries
+    /// went back to Empty.
+    // shm[impl shm.live.guest-death]
+    fn check_liveness(&mut self) -> usize {
+        let now = Instant::now();
+        self.next_liveness = now + self.liveness_interval;
+        if let Some(beat) = self.heartbeat {
+            if now >= self.next_beat {
+                self.segment.header().beat();
+                self.next_beat = now + beat / 2;
+            }
+        }
+        let events = liveness::poll_links(
+            self.peers.iter().map(|p| p.child.as_ref()),
+            &mut self.poll_scratch,
+        );
+        let lock_file = self.segment.backing().file();
+        let mut deaths = Vec::new();
+        for index in 0..self.peers.len() {
+            let peer = PeerId::from_index(index).expect("index < 255");
+            let entry = self.segment.peer(peer).expect("in range");
+            let hp = &mut self.peers[index];
+            let fenced = hp.fenced.is_some();
+            let word = match entry.load() {
+                // A fenced guest may scribble on its word; the fence generation is ours.
+                _ if fenced => hp.fence_word(),
+                Ok(w) => w,
+                Err(_) => continue,
+            };
+            let ev = events.get(index).copied().unwrap_or_default();
+            let cause = if ev.exited {
+                Some(DeathCause::ProcessExited)
+            } else if ev.hung_up {
+                Some(DeathCause::HungUp)
+            } else {
+                None
+            };
+            let death = match word.state {
+                PeerState::Reserved => cause.map(|c| (c, false)),
+                PeerState::Attached | PeerState::Goodbye
+                    if word.state == PeerState::Attached || fenced =>
+                {
+                    let by_lock = || {
+                        let offset = self.segment.layout().peer_offset(index);
+                        match lock_file {
+                            Some(f) if !liveness::lock_held(f, offset) => {
+                                Some(DeathCause::LockReleased)
+                            }
+                            _ => None,
+                        }
+                    };
+                    cause.or_else(by_lock).map(|c| (c, true))
+                }
+                _ => None,
+            };
+            if let Some((cause, attached)) = death {
+                if let Some(d) = peers::recover(&self.segment, peer, hp, word, cause, attached) {
+                    deaths.push(d);
+                }
+            }
+        }
+        for hp in &mut self.peers {
+            hp.reap_departed();
+        }
+        // shm[impl shm.recover.callback]: once per recovered incarnation.
+        for death in &deaths {
+            for hook in &mut self.death_hooks {
+                hook(death);
+            }
+        }
+        deaths.len()
+    }
+}
+
+impl Drop for ShmHost {
+    /// The host's goodbye: marks the segment closed, then wakes every parked guest so
+    /// each sees it at once (`shm.live.host-close`).
+    fn drop(&mut self) {
+        self.segment.header().close();
+        for index in 0..self.peers.len() {
+            let peer = PeerId::from_index(index).expect("index < 255");
+            for dir in [Direction::ToGuest, Direction::ToHost] {
+                if let Some(ring) = self.segment.ring(peer, dir) {
+                    ring.wake_waiters();
+                }
+            }
+        }
+        for hp in &mut self.peers {
+            hp.reap_departed();
+        }
+    }
+}
+
+/// The next sleep slice: at most `interval`, and never past `deadline`.
+fn slice_until(deadline: Option<Instant>, interval: Duration) -> Duration {
+    match deadline {
+        Some(d) => d.saturating_duration_since(Instant::now()).min(interval),
+        None => interval,
+    }
 }
 
 /// One non-blocking send (the body of `try_send`), borrowing only what it uses so a
 /// blocking `send` can hold the ring's bell at the same time.
+// shm[impl shm.recover.stale-handle]
 fn send_once(
     segment: &Segment,
     table: &mut [HostPeer],
-    peer: PeerId,
+    to: Target,
     meta: Meta,
     payload: &[u8],
 ) -> Result<(), SendError> {
+    let peer = to.id;
     let entry = segment.peer(peer).ok_or(SendError::NoSuchPeer(peer))?;
     let hp = &mut table[peer.index()];
     let word = match hp.observe(entry) {
         Ok(w) => w,
         Err(violation) => return Err(SendError::Fenced { peer, violation }),
     };
+    if let Some(generation) = to.generation.filter(|&g| g != word.generation) {
+        return Err(SendError::Stale {
+            handle: PeerHandle {
+                id: peer,
+                generation,
+            },
+            now: word.generation,
+        });
+    }
     if word.state != PeerState::Attached {
         return Err(SendError::NotAttached {
             peer,
@@ -453,7 +813,11 @@ fn recv_once(
             Ok(Some(meta)) => {
                 hp.stats.received += 1;
                 *next_recv = (index + 1) % n;
-                return Ok(Some(Received { from: peer, meta }));
+                return Ok(Some(Received {
+                    from: peer,
+                    generation: word.generation,
+                    meta,
+                }));
             }
             // shm[impl shm.delivery.to-host]: recycle only once drained.
             Ok(None) if word.state == PeerState::Goodbye => {

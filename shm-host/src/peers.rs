@@ -3,7 +3,10 @@
 use std::sync::atomic::Ordering;
 
 use shm_primitives::peer::PeerEntry;
+use shm_primitives::slot::PoolUsage;
 use shm_primitives::{Direction, Inbox, Outbox, PeerId, PeerState, PeerWord, Segment, Violation};
+
+use crate::liveness::{ChildLink, Death, DeathCause};
 
 /// Counters the host keeps for one peer entry, across all guests that used it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +21,24 @@ pub struct PeerStats {
     pub reclaimed_slots: u64,
     /// Times the entry went back to Empty.
     pub recycled: u64,
+    /// Messages a guest published to the host but died before the host received them
+    /// (discarded at recovery).
+    pub abandoned: u64,
+    /// Guests of this entry that died (or whose spawned child died before attaching).
+    pub deaths: u64,
+}
+
+/// Occupancy of one entry's rings and pools (read from shared memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerUsage {
+    /// Slots of the pool towards the guest.
+    pub to_guest_slots: PoolUsage,
+    /// Slots of the pool towards the host.
+    pub to_host_slots: PoolUsage,
+    /// Descriptors in the ring towards the guest (`tail - head`, wrapping).
+    pub to_guest_depth: u64,
+    /// Descriptors in the ring towards the host.
+    pub to_host_depth: u64,
 }
 
 /// A snapshot of one peer entry.
@@ -44,7 +65,15 @@ pub(crate) struct HostPeer {
     pub(crate) outbox: Outbox,
     pub(crate) inbox: Inbox,
     pub(crate) fenced: Option<Violation>,
+    /// The generation the entry held when the host fenced it.
+    fenced_generation: u32,
     pub(crate) stats: PeerStats,
+    /// The ticket (and, once spawned, the process) of the guest this entry was
+    /// prepared for.
+    pub(crate) child: Option<ChildLink>,
+    /// Spawned children whose entries were recycled but that have not exited yet;
+    /// reaped once they do.
+    departed: Vec<ChildLink>,
 }
 
 impl HostPeer {
@@ -78,6 +107,21 @@ impl HostPeer {
     pub(crate) fn fence(&mut self, entry: &PeerEntry, generation: u32, violation: Violation) {
         entry.fence(generation, violation.code());
         self.fenced = Some(violation);
+        self.fenced_generation = generation;
+    }
+
+    /// Goodbye at the generation the host fenced the entry at.
+    pub(crate) fn fence_word(&self) -> PeerWord {
+        PeerWord {
+            state: PeerState::Goodbye,
+            generation: self.fenced_generation,
+        }
+    }
+
+    /// Reaps spawned children that have exited since their entry was recycled.
+    pub(crate) fn reap_departed(&mut self) {
+        self.departed
+            .retain_mut(|link| link.child.is_some() && link.reap().is_none());
     }
 
     pub(crate) fn info(&self, entry: &PeerEntry) -> PeerInfo {
@@ -117,8 +161,111 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     hp.epoch = None;
     hp.outbox = Outbox::new();
     hp.inbox = Inbox::new();
+    hp.fenced = None;
+    if let Some(link) = hp.child.take() {
+        hp.departed.push(link);
+    }
     let entry = segment.peer(peer).expect("in range");
     if entry.recycle(generation) {
         hp.stats.recycled += 1;
     }
+}
+
+/// Recovers the entry of a guest found dead (`shm.recover.reap`). `word` is what the
+/// host read before deciding; `attached` is false for a spawned child that died while
+/// its entry was still Reserved. Returns the death to report, or `None` when the entry
+/// moved on meanwhile (the guest said goodbye first: that is a departure, not a death).
+// shm[impl shm.recover.reap]
+// shm[impl shm.recover.fenced]
+// shm[impl shm.spawn.failure]
+pub(crate) fn recover(
+    segment: &Segment,
+    peer: PeerId,
+    hp: &mut HostPeer,
+    word: PeerWord,
+    cause: DeathCause,
+    attached: bool,
+) -> Option<Death> {
+    let entry = segment.peer(peer).expect("in range");
+    let mut link = hp.child.take();
+    let pid = link
+        .as_ref()
+        .and_then(ChildLink::pid)
+        .or(Some(entry.guest_pid.load(Ordering::Relaxed)).filter(|&p| p != 0));
+    let exit = link.as_mut().and_then(ChildLink::reap);
+    if !attached {
+        // A ticket whose child died (or was never started) before attaching.
+        if !entry.release_reservation() {
+            hp.child = link;
+            return None;
+        }
+        hp.stats.deaths += 1;
+        return Some(Death {
+            peer,
+            generation: word.generation,
+            attached: false,
+            cause,
+            pid,
+            exit,
+            abandoned: 0,
+            discarded: 0,
+            reclaimed_slots: 0,
+        });
+    }
+    let generation = if hp.fenced.is_some() {
+        // Whatever the dead guest left in its word, the fence generation is ours.
+        let g = hp.fenced_generation;
+        entry.fence(g, hp.fenced.map_or(0, |v| v.code()));
+        g
+    } else {
+        // The single cleaner: only the party whose CAS moves Attached(g) to Goodbye(g)
+        // recovers the entry. A guest that said goodbye first left normally.
+        let goodbye = PeerWord {
+            state: PeerState::Goodbye,
+            ..word
+        };
+        if word.state != PeerState::Attached || !entry.cas(word, goodbye) {
+            hp.child = link;
+            return None;
+        }
+        word.generation
+    };
+    let to_host = segment.ring(peer, Direction::ToHost).expect("in range");
+    // Undelivered messages from the dead guest; a corrupt tail counts as a full ring.
+    let abandoned = if hp.fenced.is_some() {
+        0
+    } else {
+        u64::from(
+            hp.inbox
+                .pending(&to_host)
+                .unwrap_or_else(|_| to_host.capacity()),
+        )
+    };
+    let before = hp.stats;
+    hp.child = link;
+    recycle(segment, peer, hp, generation);
+    hp.stats.abandoned += abandoned;
+    hp.stats.deaths += 1;
+    Some(Death {
+        peer,
+        generation,
+        attached: true,
+        cause,
+        pid,
+        exit,
+        abandoned,
+        discarded: hp.stats.discarded - before.discarded,
+        reclaimed_slots: hp.stats.reclaimed_slots - before.reclaimed_slots,
+    })
+}
+
+/// Occupancy of `peer`'s rings and pools.
+pub(crate) fn usage(segment: &Segment, peer: PeerId) -> Option<PeerUsage> {
+    let depth = |dir| segment.ring(peer, dir).map(|r| r.raw_depth());
+    Some(PeerUsage {
+        to_guest_slots: segment.pool(peer, Direction::ToGuest)?.usage(),
+        to_host_slots: segment.pool(peer, Direction::ToHost)?.usage(),
+        to_guest_depth: depth(Direction::ToGuest)?,
+        to_host_depth: depth(Direction::ToHost)?,
+    })
 }

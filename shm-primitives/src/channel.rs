@@ -93,6 +93,7 @@ impl Outbox {
             .alloc(&mut self.cursor)
             .ok_or(ChannelSendError::PoolExhausted)?;
         pool.write(index, payload);
+        crate::crash::point(crate::crash::CrashPoint::SlotLoaned);
         if let Err(found) = pool.mark_sent(index, generation) {
             // Only the receiver can have touched a Loaned slot's word.
             pool.unloan(index, generation);

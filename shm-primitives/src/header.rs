@@ -9,8 +9,8 @@ use crate::layout::{SegmentConfig, SegmentLayout};
 pub const HEADER_SIZE: usize = 256;
 /// `b"SHMHUB\0\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
-/// Current layout and protocol version (2: wake words in ring headers and header).
-pub const VERSION: u32 = 2;
+/// Current layout and protocol version (3: liveness locks, host state and heartbeat).
+pub const VERSION: u32 = 3;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).
@@ -19,6 +19,10 @@ pub const KNOWN_COMPAT_FEATURES: u64 = 0;
 pub const READY_BUILDING: u32 = 0;
 /// `ready` value once the segment is fully initialised.
 pub const READY_PUBLISHED: u32 = 1;
+/// `host_state` while the host serves the segment.
+pub const HOST_RUNNING: u32 = 0;
+/// `host_state` once the host has closed the segment (its graceful goodbye).
+pub const HOST_CLOSED: u32 = 1;
 
 /// The segment header, exactly as laid out in the spec (`shm.header.layout`).
 ///
@@ -71,8 +75,14 @@ pub struct SegmentHeader {
     pub host_bell: AtomicU32,
     /// 1 while the host is parked on `host_bell`.
     pub host_parked: AtomicU32,
+    /// `HOST_RUNNING`, then `HOST_CLOSED` when the host leaves (`shm.live.host-close`).
+    pub host_state: AtomicU32,
+    /// Heartbeat interval in milliseconds; 0 = no heartbeat (`shm.live.heartbeat`).
+    pub heartbeat_interval_ms: AtomicU32,
+    /// Bumped by the host at least once per heartbeat interval.
+    pub heartbeat: AtomicU64,
     /// Reserved, zero.
-    pub _reserved: [AtomicU64; 15],
+    pub _reserved: [AtomicU64; 13],
 }
 
 const _: () = {
@@ -99,7 +109,10 @@ const _: () = {
     assert!(offset_of!(SegmentHeader, ready_waiters) == 120);
     assert!(offset_of!(SegmentHeader, host_bell) == 128);
     assert!(offset_of!(SegmentHeader, host_parked) == 132);
-    assert!(offset_of!(SegmentHeader, _reserved) == 136);
+    assert!(offset_of!(SegmentHeader, host_state) == 136);
+    assert!(offset_of!(SegmentHeader, heartbeat_interval_ms) == 140);
+    assert!(offset_of!(SegmentHeader, heartbeat) == 144);
+    assert!(offset_of!(SegmentHeader, _reserved) == 152);
 };
 
 /// Why a segment header was refused.
@@ -249,6 +262,39 @@ impl SegmentHeader {
             self.host_bell.fetch_add(1, Ordering::SeqCst);
             crate::futex::wake_all(&self.host_bell);
         }
+    }
+
+    /// Host, when it leaves: stores `HOST_CLOSED` (SeqCst, so a guest that parks after
+    /// this store sees it in its re-check).
+    // shm[impl shm.live.host-close]
+    pub fn close(&self) {
+        self.host_state.store(HOST_CLOSED, Ordering::SeqCst);
+    }
+
+    /// Whether the host has closed the segment.
+    pub fn is_closed(&self) -> bool {
+        self.host_state.load(Ordering::Acquire) == HOST_CLOSED
+    }
+
+    /// Host: sets the heartbeat interval (0 turns the heartbeat off).
+    pub fn set_heartbeat_interval_ms(&self, ms: u32) {
+        self.heartbeat_interval_ms.store(ms, Ordering::Release);
+    }
+
+    /// The heartbeat interval guests hold the host to, in milliseconds (0: none).
+    pub fn heartbeat_interval_ms(&self) -> u32 {
+        self.heartbeat_interval_ms.load(Ordering::Acquire)
+    }
+
+    /// Host: one heartbeat.
+    // shm[impl shm.live.heartbeat]
+    pub fn beat(&self) {
+        self.heartbeat.fetch_add(1, Ordering::Release);
+    }
+
+    /// The heartbeat counter.
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeat.load(Ordering::Acquire)
     }
 
     /// The bell the host parks on while no guest has anything for it.

@@ -6,15 +6,18 @@
 #![warn(missing_docs)]
 
 pub mod channel;
+pub mod crash;
 pub mod desc;
 pub mod futex;
 pub mod header;
 pub mod layout;
+pub mod lock;
 pub mod peer;
 pub mod region;
 pub mod ring;
 pub mod segment;
 pub mod slot;
+pub mod ticket;
 pub mod violation;
 pub mod wait;
 

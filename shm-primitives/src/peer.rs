@@ -130,6 +130,11 @@ impl PeerEntry {
         unpack(self.state_word.load(Ordering::Acquire))
     }
 
+    /// Compare-and-swaps the whole word from `from` to `to` (AcqRel on success).
+    pub fn cas(&self, from: PeerWord, to: PeerWord) -> bool {
+        self.transition(from, to)
+    }
+
     fn transition(&self, from: PeerWord, to: PeerWord) -> bool {
         self.state_word
             .compare_exchange(
@@ -175,8 +180,19 @@ impl PeerEntry {
     // shm[impl shm.peer.attach-path]
     // shm[impl shm.peer.attach-reserved]
     pub fn try_claim(&self, from: PeerState, pid: u32) -> Result<u32, Option<PeerWord>> {
+        self.try_claim_at(from, None, pid)
+    }
+
+    /// As [`try_claim`](Self::try_claim), and only if the entry is at `generation`
+    /// when one is given.
+    pub fn try_claim_at(
+        &self,
+        from: PeerState,
+        generation: Option<u32>,
+        pid: u32,
+    ) -> Result<u32, Option<PeerWord>> {
         let cur = self.load().map_err(|_| None)?;
-        if cur.state != from {
+        if cur.state != from || generation.is_some_and(|g| g != cur.generation) {
             return Err(Some(cur));
         }
         let to = PeerWord {

@@ -172,8 +172,9 @@ impl Drop for HeapRegion {
 pub struct MmapRegion {
     ptr: NonNull<u8>,
     len: usize,
-    /// Held open for the mapping's life: for the host it carries the owner's flock.
-    _file: File,
+    /// Held open for the mapping's life: its open file description carries the
+    /// liveness lock of whoever mapped it (`shm.live.host-lock`, `shm.live.guest-lock`).
+    file: File,
 }
 
 // SAFETY: the mapping is owned by this value; access goes through Region.
@@ -210,11 +211,7 @@ impl MmapRegion {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self {
-            ptr,
-            len,
-            _file: file,
-        })
+        Ok(Self { ptr, len, file })
     }
 
     /// File mappings are not supported on this platform yet.
@@ -232,6 +229,12 @@ impl MmapRegion {
     // shm[impl shm.file.mmap-windows]
     pub const fn supported() -> bool {
         cfg!(unix)
+    }
+
+    /// The mapped file (its descriptor shares the open file description that holds
+    /// this process's liveness lock).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The region this mapping holds.
@@ -268,6 +271,14 @@ impl ShmBacking {
         match self {
             ShmBacking::Heap(h) => h.region(),
             ShmBacking::Mmap(m) => m.region(),
+        }
+    }
+
+    /// The mapped file, for a file-backed segment.
+    pub fn file(&self) -> Option<&File> {
+        match self {
+            ShmBacking::Heap(_) => None,
+            ShmBacking::Mmap(m) => Some(m.file()),
         }
     }
 }

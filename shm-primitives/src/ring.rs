@@ -92,6 +92,12 @@ impl<'a> RingView<'a> {
         check_distance(head, tail, self.capacity)
     }
 
+    /// `tail - head` as stored (wrapping, unvalidated): for accounting and tests only.
+    pub fn raw_depth(&self) -> u64 {
+        let tail = self.header.tail.load(Ordering::Acquire);
+        tail.wrapping_sub(self.header.head.load(Ordering::Acquire))
+    }
+
     /// Producer, after publishing: wakes the consumer only if it is parked (no
     /// syscall otherwise).
     // shm[impl shm.wake.signal]
@@ -108,6 +114,14 @@ impl<'a> RingView<'a> {
         if self.header.producer_parked.load(Ordering::SeqCst) != 0 {
             crate::futex::wake_low_half(&self.header.head);
         }
+    }
+
+    /// Wakes whoever is parked on either counter, unconditionally: for the host when
+    /// it closes the segment, so parked guests re-check at once.
+    // shm[impl shm.live.host-close]
+    pub fn wake_waiters(&self) {
+        crate::futex::wake_low_half(&self.header.tail);
+        crate::futex::wake_low_half(&self.header.head);
     }
 
     /// The bell a consumer parks on while the ring is empty.
@@ -201,6 +215,7 @@ impl Producer {
         for (cell, word) in ring.slot(self.tail).iter().zip(desc.encode()) {
             cell.store(word, Ordering::Relaxed);
         }
+        crate::crash::point(crate::crash::CrashPoint::DescriptorWritten);
         // (P3) Store the new tail: Release publishes the descriptor words above;
         // SeqCst also orders it before the parked-flag load in P4.
         self.tail = self.tail.wrapping_add(1);

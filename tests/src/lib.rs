@@ -237,6 +237,8 @@ pub fn plant_segment(
         .mode(0o600)
         .open(path)
         .unwrap();
+    // Hold the host's lock, as a creator does: guests refuse a segment without one.
+    assert!(shm_primitives::lock::try_lock(&file, shm_primitives::lock::HOST_LOCK_BYTE).unwrap());
     file.set_len(layout.total_size).unwrap();
     let map = shm_primitives::MmapRegion::map(file, layout.total_size as usize).unwrap();
     let backing = shm_primitives::ShmBacking::Mmap(std::sync::Arc::new(map));
