@@ -35,8 +35,12 @@ impl CrashPoint {
 
 /// Environment variable naming the point at which to die.
 pub const CRASH_ENV: &str = "SHMHUB_CRASH_AT";
+/// Environment variable: how many times the point is passed before it fires
+/// (default 0: the first time).
+pub const CRASH_SKIP_ENV: &str = "SHMHUB_CRASH_SKIP";
 
-/// Dies here if `SHMHUB_CRASH_AT` names `point` (feature `crash-points` only).
+/// Dies here if `SHMHUB_CRASH_AT` names `point` and the point has already been passed
+/// `SHMHUB_CRASH_SKIP` times (feature `crash-points` only).
 // shm[impl shm.recover.crash-matrix]
 #[inline(always)]
 pub fn point(point: CrashPoint) {
@@ -48,17 +52,26 @@ pub fn point(point: CrashPoint) {
 
 #[cfg(feature = "crash-points")]
 mod armed {
-    use super::{CrashPoint, CRASH_ENV};
+    use super::{CrashPoint, CRASH_ENV, CRASH_SKIP_ENV};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
     static ARMED: OnceLock<Option<CrashPoint>> = OnceLock::new();
+    static PASSES: AtomicU64 = AtomicU64::new(0);
 
     pub(super) fn check(point: CrashPoint) {
         let armed = ARMED.get_or_init(|| {
             let name = std::env::var(CRASH_ENV).ok()?;
             CrashPoint::ALL.into_iter().find(|p| p.name() == name)
         });
-        if *armed == Some(point) {
+        if *armed != Some(point) {
+            return;
+        }
+        let skip = std::env::var(CRASH_SKIP_ENV)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if PASSES.fetch_add(1, Ordering::Relaxed) >= skip {
             // SAFETY: kill(2) on our own pid has no memory effects; SIGKILL does not
             // return.
             unsafe {

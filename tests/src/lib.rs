@@ -77,16 +77,21 @@ impl Proc {
     /// Starts `test` (its full path as libtest names it, e.g. `attach_by_path`) of
     /// this binary in `role`, with extra env vars, to finish within `limit`.
     pub fn spawn(test: &str, role: &str, envs: &[(&str, String)], limit: Duration) -> Self {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new(exe);
-        cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env(ROLE_VAR, role)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
+        Self::spawn_with(test, role, envs, limit, |_| {})
+    }
+
+    /// Like `spawn`, letting `configure` adjust the command first (for example to
+    /// hand the child a spawn ticket).
+    pub fn spawn_with(
+        test: &str,
+        role: &str,
+        envs: &[(&str, String)],
+        limit: Duration,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut cmd = role_command(test, role, envs, limit);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        configure(&mut cmd);
         let mut child = cmd.spawn().expect("spawn child test process");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -190,6 +195,109 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Env var carrying a child's deadline in milliseconds (see `watchdog`).
+pub const DEADLINE_VAR: &str = "SHMHUB_TEST_DEADLINE_MS";
+
+/// A command that runs `test` of this binary in `role`, with extra env vars and a
+/// deadline the child enforces on itself (`watchdog`). For children the parent does
+/// not own (those `ShmHost::spawn` starts), stdin is null and stdout/stderr are
+/// inherited.
+pub fn role_command(test: &str, role: &str, envs: &[(&str, String)], limit: Duration) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE_VAR, role)
+        .env(DEADLINE_VAR, limit.as_millis().to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// In a child: SIGKILLs this process when the deadline its parent gave it passes, so
+/// a child nobody waits for (a grandchild, or one a host spawned) cannot outlive its
+/// test.
+pub fn watchdog() {
+    let Ok(ms) = std::env::var(DEADLINE_VAR) else {
+        return;
+    };
+    let limit = Duration::from_millis(ms.parse().unwrap_or(60_000));
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("child passed its {limit:?} deadline: killing itself");
+        // SAFETY: kill(2) on our own pid has no memory effects.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    });
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable across processes on one machine.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The descriptors open in this process (from /proc/self/fd, without the one used to
+/// read it).
+pub fn open_fds() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    // The directory's own fd was open during the listing and is closed now.
+    fds.retain(|&fd| {
+        // SAFETY: F_GETFD on any number only queries the descriptor table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    });
+    fds
+}
+
+/// Entries of /dev/shm that belong to this process's tests.
+pub fn our_shm_files() -> Vec<String> {
+    let mine = format!("shmhub-test-{}-", std::process::id());
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.trim_start_matches('.').starts_with(&mine))
+        .collect()
+}
+
+/// An independent mapping of a segment file (taking no lock), to watch its shared
+/// words from outside the host and guests.
+pub fn watch_segment(path: &Path) -> shm_primitives::Segment {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let map = shm_primitives::MmapRegion::map(file, len).unwrap();
+    shm_primitives::Segment::attach(shm_primitives::ShmBacking::Mmap(std::sync::Arc::new(map)))
+        .unwrap()
+}
+
+/// Whether the guest of entry `index` is parked waiting for data (the consumer-parked
+/// flag of its host->guest ring).
+pub fn guest_parked(seg: &shm_primitives::Segment, index: usize) -> bool {
+    let dir = shm_primitives::Direction::ToGuest;
+    let off = seg.layout().ring_offset(index, dir) as usize + 8;
+    seg.backing()
+        .region()
+        .atomic_u64(off)
+        .unwrap()
+        .load(Ordering::SeqCst) as u32
+        != 0
 }
 
 /// The deterministic payload of message `n` from peer `seed`, `len` bytes.

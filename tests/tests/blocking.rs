@@ -2,39 +2,18 @@
 //! by the other side, and no wakeup is ever lost.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 use shm_guest::ShmGuest;
-use shm_host::{Direction, Meta, SegmentConfig, ShmHost, WaitPolicy};
-use shm_primitives::{MmapRegion, Segment, ShmBacking};
-use shmhub_tests::{arg, hear, poll_until, role, tell, Proc, ShmPath};
+use shm_host::{Meta, SegmentConfig, ShmHost, WaitPolicy};
+use shm_primitives::Segment;
+use shmhub_tests::{arg, guest_parked, hear, poll_until, role, tell, watch_segment, Proc, ShmPath};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// An independent mapping of a segment file, to watch its wake words.
 fn watch(path: &str) -> Segment {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let len = file.metadata().unwrap().len() as usize;
-    Segment::attach(ShmBacking::Mmap(Arc::new(
-        MmapRegion::map(file, len).unwrap(),
-    )))
-    .unwrap()
-}
-
-/// The parked flag of guest 1's host->guest ring.
-fn guest_parked(seg: &Segment) -> bool {
-    let off = seg.layout().ring_offset(0, Direction::ToGuest) as usize + 8;
-    seg.backing()
-        .region()
-        .atomic_u64(off)
-        .unwrap()
-        .load(Ordering::SeqCst) as u32
-        != 0
+    watch_segment(std::path::Path::new(path))
 }
 
 /// This thread's kernel id.
@@ -105,7 +84,7 @@ fn parked_waiters_are_woken_by_the_other_process() {
     let view = watch(&path);
     // The guest is parked: its flag is up and its thread sleeps in the kernel.
     poll_until(LONG, "guest parked flag", || {
-        guest_parked(&view).then_some(())
+        guest_parked(&view, 0).then_some(())
     });
     poll_until(LONG, "guest asleep in futex", || {
         asleep_in_futex(child.pid(), child_tid).then_some(())
@@ -117,7 +96,7 @@ fn parked_waiters_are_woken_by_the_other_process() {
         took < LONG.as_micros() as u64 / 2,
         "woken, not timed out ({took} us)"
     );
-    assert!(!guest_parked(&view), "the flag is cleared after waking");
+    assert!(!guest_parked(&view, 0), "the flag is cleared after waking");
 
     // The host parks on the host-wide bell; a try_send from the guest wakes it.
     let mut buf = Vec::new();
