@@ -1,12 +1,14 @@
 //! The shmhub demo: a host in this process, two guest processes (one attaching by
-//! path, one by a reserved peer id), messages both ways and round-trip latency.
+//! path, one spawned by the host with a spawn ticket), messages both ways, round-trip
+//! latency, and a third guest SIGKILLed and recovered.
 //!
 //! Run: `cargo run --release -p shmhub --example demo`
 
 use std::process::{Child, Command};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shmhub::{segment_path, AttachOptions, Meta, PeerId, SegmentConfig, ShmGuest, ShmHost};
+use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost};
 
 const HELLO: u32 = 1;
 const PING: u32 = 2;
@@ -15,23 +17,18 @@ const BYE: u32 = 4;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("guest") {
-        guest(&args[2], args.get(3).map(|s| s.parse().unwrap()));
-    } else {
-        host();
+    match args.get(1).map(String::as_str) {
+        Some("guest") => guest(Some(&args[2])),
+        Some("ticket-guest") => guest(None),
+        _ => host(),
     }
 }
 
-fn guest(path: &str, peer: Option<u8>) {
-    let options = AttachOptions {
-        peer_id: peer.and_then(PeerId::new),
-        ..AttachOptions::default()
-    };
-    let mut g = ShmGuest::attach_path_with(path, options).expect("attach");
-    let how = if peer.is_some() {
-        "reserved id"
-    } else {
-        "path"
+fn guest(path: Option<&str>) {
+    // By path, or with the spawn ticket the host put in our environment.
+    let (mut g, how) = match path {
+        Some(path) => (ShmGuest::attach_path(path).expect("attach"), "path"),
+        None => (ShmGuest::from_env().expect("attach"), "spawn ticket"),
     };
     let hello = format!("hello from pid {} (attached by {how})", std::process::id());
     g.try_send(Meta::new(HELLO, 0), hello.as_bytes())
@@ -53,13 +50,16 @@ fn guest(path: &str, peer: Option<u8>) {
     g.detach();
 }
 
-fn spawn_guest(path: &str, peer: Option<PeerId>) -> Child {
+fn spawn_path_guest(path: &str) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.arg("guest").arg(path);
-    if let Some(p) = peer {
-        cmd.arg(p.get().to_string());
-    }
     cmd.spawn().expect("spawn guest")
+}
+
+fn ticket_guest() -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg("ticket-guest");
+    cmd
 }
 
 fn recv(host: &mut ShmHost, buf: &mut Vec<u8>, deadline: Instant) -> shmhub::host::Received {
@@ -83,12 +83,14 @@ fn host() {
         path.display(),
         config.layout().unwrap().total_size
     );
-    let reserved = host.reserve_peer().unwrap();
+    let (deaths_tx, deaths) = mpsc::channel();
+    host.on_death(move |d| {
+        let _ = deaths_tx.send((*d, Instant::now()));
+    });
     let path_str = path.display().to_string();
-    let mut children = vec![
-        spawn_guest(&path_str, None),
-        spawn_guest(&path_str, Some(reserved)),
-    ];
+    let mut children = vec![spawn_path_guest(&path_str)];
+    // Reserves an entry, passes the ticket in the environment, keeps the pidfd.
+    let spawned = host.spawn(&mut ticket_guest()).expect("spawn ticket guest");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut buf = Vec::new();
     let mut peers = Vec::new();
@@ -97,7 +99,10 @@ fn host() {
         println!("host: {} says {:?}", m.from, String::from_utf8_lossy(&buf));
         peers.push(m.from);
     }
-    println!("host: {reserved} was reserved before its process started");
+    println!(
+        "host: {} (pid {}) was reserved before its process started",
+        spawned.handle.id, spawned.pid
+    );
     println!("host: guests block in recv (adaptive: spin briefly, then a shared futex)");
 
     for &peer in &peers {
@@ -134,6 +139,8 @@ fn host() {
         );
     }
 
+    kill_and_recover(&mut host, &deaths, &mut buf, deadline);
+
     for &peer in &peers {
         host.try_send(peer, Meta::new(BYE, 0), b"").unwrap();
     }
@@ -157,6 +164,52 @@ fn host() {
     drop(host);
     assert!(!path.exists());
     println!("host: segment removed; nothing left in /dev/shm");
+}
+
+/// Spawns a third guest, SIGKILLs it while it is parked, and shows the host noticing
+/// and taking its entry back.
+fn kill_and_recover(
+    host: &mut ShmHost,
+    deaths: &mpsc::Receiver<(shmhub::host::Death, Instant)>,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) {
+    let victim = host.spawn(&mut ticket_guest()).expect("spawn victim");
+    let m = recv(host, buf, deadline);
+    assert_eq!(m.handle(), victim.handle);
+    // A frame in flight as it dies: whatever it held is reclaimed.
+    let frame = vec![1u8; 40 * 1024];
+    host.try_send(victim.handle, Meta::new(0, 0), &frame)
+        .unwrap();
+    host.signal_guest(victim.handle, 9)
+        .expect("SIGKILL the victim");
+    let killed = Instant::now();
+    println!("host: SIGKILLed {} (pid {})", victim.handle.id, victim.pid);
+    let (death, seen) = loop {
+        // The host notices deaths inside its own calls (at least every 10 ms).
+        assert!(host.recv(buf, Duration::from_millis(5)).unwrap().is_none());
+        if let Ok(d) = deaths.try_recv() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "death not noticed");
+    };
+    let info = host.peer_info(death.peer).unwrap();
+    println!(
+        "host: {} died ({:?}, {}), noticed and recovered after {:.2} ms: {} slot(s) reclaimed, \
+         {} unread message(s) discarded; entry {:?} again at generation {}",
+        death.peer,
+        death.cause,
+        death
+            .exit
+            .map_or("status unknown".into(), |s| s.to_string()),
+        seen.duration_since(killed).as_secs_f64() * 1e3,
+        death.reclaimed_slots,
+        death.discarded,
+        info.state.unwrap(),
+        info.generation
+    );
+    let stale = host.try_send(victim.handle, Meta::new(0, 0), b"too late");
+    println!("host: the old handle now fails: {}", stale.unwrap_err());
 }
 
 fn wait_child(child: &mut Child, deadline: Instant) -> std::process::ExitStatus {

@@ -2,5 +2,8 @@
 #![warn(missing_docs)]
 
 pub use shm_guest::{self as guest, AttachOptions, ShmGuest};
-pub use shm_host::{self as host, segment_path, SegmentConfig, ShmHost};
+pub use shm_host::{
+    self as host, segment_path, Death, DeathCause, GuestOptions, PeerHandle, SegmentConfig,
+    ShmHost, SpawnTicket, SpawnedGuest,
+};
 pub use shm_primitives::{self as primitives, Meta, PeerId, PeerState};

@@ -215,7 +215,11 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
         Point::Injected(p) => {
             envs.push((CRASH_ENV, p.name().to_string()));
             // The victim's own sends pass the in-send points first.
-            let skip = if p == CrashPoint::AfterClaim { 0 } else { VICTIM_SENDS };
+            let skip = if p == CrashPoint::AfterClaim {
+                0
+            } else {
+                VICTIM_SENDS
+            };
             envs.push((CRASH_SKIP_ENV, skip.to_string()));
             p != CrashPoint::AfterClaim
         }
@@ -785,4 +789,11 @@ fn spawn_exchange_kill_recover_soak() {
         return soak_guest_main();
     }
     soak(1_000);
+}
+
+// The same, long: run with `--run-ignored only` (see the README).
+#[test]
+#[ignore = "long soak (20,000 rounds, several minutes)"]
+fn spawn_exchange_kill_recover_long_soak() {
+    soak(20_000);
 }
