@@ -156,3 +156,227 @@ impl Ticket {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+    use std::os::unix::ffi::OsStringExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::{Ticket, TicketError};
+
+    const PATH: &str = "/dev/shm/shmhub-ticket-test";
+
+    /// A complete ticket as arguments, among unknown ones, with `field` given `value`
+    /// instead (or left out when `value` is `None`).
+    fn args_with(field: &str, value: Option<&str>) -> Vec<OsString> {
+        let mut out: Vec<OsString> = vec!["prog".into(), "--unrelated".into(), "x".into()];
+        let complete = [
+            ("--hub-path", PATH),
+            ("--peer-id", "3"),
+            ("--peer-generation", "9"),
+            ("--doorbell-fd", "7"),
+            ("--attach-timeout-ms", "1500"),
+        ];
+        for (name, default) in complete {
+            let value = if name == field { value } else { Some(default) };
+            if let Some(v) = value {
+                out.push(name.into());
+                out.push(v.into());
+            }
+        }
+        out.push("--verbose".into());
+        out
+    }
+
+    fn invalid(field: &'static str, value: &str) -> TicketError {
+        TicketError::Invalid {
+            field,
+            value: value.to_owned(),
+        }
+    }
+
+    // shm[verify shm.spawn.child]
+    #[test]
+    fn a_complete_ticket_parses_among_unknown_arguments() {
+        let t = Ticket::from_args(args_with("", None)).unwrap();
+        assert_eq!(t.path, PathBuf::from(PATH));
+        assert_eq!(t.peer.get(), 3);
+        assert_eq!(t.generation, 9);
+        assert_eq!(t.doorbell_fd, 7);
+        assert_eq!(t.attach_timeout, Duration::from_millis(1500));
+        // `--name=value` works too, and the attach timeout defaults to 5 s.
+        let t = Ticket::from_args([
+            "--hub-path=/p",
+            "--peer-id=7",
+            "--peer-generation=0",
+            "--doorbell-fd=3",
+        ])
+        .unwrap();
+        assert_eq!(t.path, PathBuf::from("/p"));
+        assert_eq!(t.peer.get(), 7);
+        assert_eq!(t.generation, 0);
+        assert_eq!(t.doorbell_fd, 3);
+        assert_eq!(t.attach_timeout, Duration::from_secs(5));
+        // The edges of every range are accepted.
+        for (field, value) in [
+            ("--peer-id", "1"),
+            ("--peer-id", "255"),
+            ("--peer-generation", "4294967295"),
+            ("--doorbell-fd", "3"),
+            ("--attach-timeout-ms", "0"),
+            ("--attach-timeout-ms", "3600000"),
+        ] {
+            let parsed = Ticket::from_args(args_with(field, Some(value)));
+            assert!(parsed.is_ok(), "{field} {value}: {parsed:?}");
+        }
+        let t = Ticket::from_args(args_with("--attach-timeout-ms", Some("3600000"))).unwrap();
+        assert_eq!(t.attach_timeout, Duration::from_secs(3600));
+    }
+
+    // shm[verify shm.spawn.child]
+    #[test]
+    fn missing_fields_are_refused_by_name() {
+        for field in [
+            "--hub-path",
+            "--peer-id",
+            "--peer-generation",
+            "--doorbell-fd",
+        ] {
+            assert_eq!(
+                Ticket::from_args(args_with(field, None)).unwrap_err(),
+                TicketError::Missing(field)
+            );
+        }
+        // A name with no value after it.
+        let mut args = args_with("--peer-id", None);
+        args.push("--peer-id".into());
+        assert_eq!(
+            Ticket::from_args(args).unwrap_err(),
+            TicketError::Missing("--peer-id")
+        );
+        assert_eq!(
+            Ticket::from_args(Vec::<OsString>::new()).unwrap_err(),
+            TicketError::Missing("--hub-path")
+        );
+    }
+
+    // shm[verify shm.spawn.child]
+    #[test]
+    fn invalid_tickets_are_refused_with_typed_errors() {
+        for (field, value) in [
+            ("--hub-path", ""),
+            ("--hub-path", "/dev/shm/a\0b"),
+            ("--peer-id", "0"),
+            ("--peer-id", "256"),
+            ("--peer-id", "x"),
+            ("--peer-id", "-1"),
+            ("--peer-id", ""),
+            ("--peer-generation", "-1"),
+            ("--peer-generation", "4294967296"),
+            ("--peer-generation", "1.5"),
+            ("--doorbell-fd", "2"),
+            ("--doorbell-fd", "1"),
+            ("--doorbell-fd", "0"),
+            ("--doorbell-fd", "-3"),
+            ("--doorbell-fd", "x"),
+            ("--attach-timeout-ms", "99999999999"),
+            ("--attach-timeout-ms", "3600001"),
+            ("--attach-timeout-ms", "-1"),
+            ("--attach-timeout-ms", "soon"),
+        ] {
+            assert_eq!(
+                Ticket::from_args(args_with(field, Some(value))).unwrap_err(),
+                invalid(field, value),
+                "{field} {value:?}"
+            );
+        }
+        // A path that is not UTF-8.
+        let mut args = args_with("--hub-path", None);
+        args.push("--hub-path".into());
+        args.push(OsString::from_vec(b"/dev/shm/\xff".to_vec()));
+        assert_eq!(
+            Ticket::from_args(args).unwrap_err(),
+            invalid("--hub-path", "/dev/shm/\u{fffd}")
+        );
+    }
+
+    /// The descriptor flags of `fd`, -1 if it is not open.
+    fn fd_flags(fd: RawFd) -> i32 {
+        // SAFETY: F_GETFD on any number only queries the descriptor table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) }
+    }
+
+    // All descriptor checks live in this one test: descriptor numbers and the
+    // taken-once record are per process, shared by tests running in threads.
+    // shm[verify shm.spawn.child]
+    #[test]
+    fn the_doorbell_must_be_an_open_socket_and_is_taken_once() {
+        let ticket_for =
+            |fd: RawFd| Ticket::from_args(args_with("--doorbell-fd", Some(&fd.to_string())));
+        // A regular file: refused, and neither closed nor recorded as taken.
+        let file = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+        let fd = file.into_raw_fd();
+        assert_eq!(
+            ticket_for(fd).unwrap().take_doorbell().unwrap_err(),
+            TicketError::Doorbell {
+                fd,
+                why: "not a socket"
+            }
+        );
+        assert_ne!(fd_flags(fd), -1, "the refused descriptor is still open");
+        // A number nothing is open at.
+        let closed = 999;
+        assert_eq!(fd_flags(closed), -1);
+        assert_eq!(
+            ticket_for(closed).unwrap().take_doorbell().unwrap_err(),
+            TicketError::Doorbell {
+                fd: closed,
+                why: "not open"
+            }
+        );
+        // Put an inheritable socket at the file's number (dup2 closes the file): the
+        // refusal above did not use the number up.
+        let mut pair = [0; 2];
+        // SAFETY: socketpair writes two new fds into the array we own.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: `fd` is ours (from into_raw_fd) and `pair[0]` was just created; dup2
+        // replaces the former with a copy of the latter.
+        assert_eq!(unsafe { libc::dup2(pair[0], fd) }, fd);
+        // SAFETY: `pair[0]` is ours and no longer used.
+        unsafe { libc::close(pair[0]) };
+        assert_eq!(
+            fd_flags(fd) & libc::FD_CLOEXEC,
+            0,
+            "inheritable, as a child finds it"
+        );
+        let owned = ticket_for(fd).unwrap().take_doorbell().unwrap();
+        assert_eq!(owned.as_raw_fd(), fd);
+        assert_ne!(
+            fd_flags(fd) & libc::FD_CLOEXEC,
+            0,
+            "close-on-exec again once taken"
+        );
+        // At most once per process; a refused second take leaves it open.
+        assert_eq!(
+            ticket_for(fd).unwrap().take_doorbell().unwrap_err(),
+            TicketError::Doorbell {
+                fd,
+                why: "already taken by this process"
+            }
+        );
+        assert_ne!(fd_flags(fd), -1);
+        drop(owned);
+        assert_eq!(
+            fd_flags(fd),
+            -1,
+            "the taken descriptor is owned (closed on drop)"
+        );
+        // SAFETY: `pair[1]` is ours and no longer used.
+        unsafe { libc::close(pair[1]) };
+    }
+}

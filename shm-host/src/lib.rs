@@ -340,6 +340,10 @@ impl ShmHost {
     pub fn release_reservation(&mut self, peer: PeerId) -> Result<(), PeerError> {
         let entry = self.segment.peer(peer).ok_or(PeerError::NoSuchPeer(peer))?;
         if entry.release_reservation() {
+            // The ticket made for it (if any) speaks for no later guest.
+            if let Some(hp) = self.peers.get_mut(peer.index()) {
+                hp.drop_link();
+            }
             Ok(())
         } else {
             Err(PeerError::WrongState {
@@ -526,6 +530,7 @@ impl ShmHost {
             .map_or(0, |w| w.generation);
         let handle = spawn::peer_handle(id, generation);
         self.peers[id.index()].child = Some(ChildLink {
+            generation,
             doorbell: host_end,
             pidfd: None,
             child: None,
@@ -551,7 +556,6 @@ impl ShmHost {
             Ok(child) => child,
             Err(source) => {
                 drop(ticket);
-                self.peers[handle.id.index()].child = None;
                 let _ = self.release_reservation(handle.id);
                 return Err(SpawnError::Io {
                     op: "spawn guest",
@@ -663,7 +667,10 @@ impl ShmHost {
                 Ok(w) => w,
                 Err(_) => continue,
             };
-            let ev = events.get(index).copied().unwrap_or_default();
+            let ev = match hp.link_matches(word.generation) {
+                true => events.get(index).copied().unwrap_or_default(),
+                false => Default::default(),
+            };
             let cause = if ev.exited {
                 Some(DeathCause::ProcessExited)
             } else if ev.hung_up {

@@ -52,6 +52,8 @@ pub struct Death {
 /// and, once spawned by the host, its pidfd and `Child` (so the host reaps it).
 #[derive(Debug)]
 pub(crate) struct ChildLink {
+    /// The generation of the reservation the ticket was made for.
+    pub(crate) generation: u32,
     pub(crate) doorbell: OwnedFd,
     pub(crate) pidfd: Option<OwnedFd>,
     pub(crate) child: Option<Child>,

@@ -119,9 +119,27 @@ impl HostPeer {
     }
 
     /// Reaps spawned children that have exited since their entry was recycled.
+    /// Lets go of the entry's link (a released reservation, a finished guest): its
+    /// descriptors close now, and its child, if any, is reaped once it exits.
+    pub(crate) fn drop_link(&mut self) {
+        if let Some(mut link) = self.child.take() {
+            if link.child.is_some() && link.reap().is_none() {
+                self.departed.push(link);
+            }
+        }
+    }
+
     pub(crate) fn reap_departed(&mut self) {
         self.departed
             .retain_mut(|link| link.child.is_some() && link.reap().is_none());
+    }
+
+    /// Whether the entry has a link for generation `generation` (events of a link
+    /// made for another incarnation say nothing about this one).
+    pub(crate) fn link_matches(&self, generation: u32) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|l| l.generation == generation)
     }
 
     pub(crate) fn info(&self, entry: &PeerEntry) -> PeerInfo {
@@ -162,9 +180,7 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     hp.outbox = Outbox::new();
     hp.inbox = Inbox::new();
     hp.fenced = None;
-    if let Some(link) = hp.child.take() {
-        hp.departed.push(link);
-    }
+    hp.drop_link();
     let entry = segment.peer(peer).expect("in range");
     if entry.recycle(generation) {
         hp.stats.recycled += 1;
@@ -195,10 +211,13 @@ pub(crate) fn recover(
     let exit = link.as_mut().and_then(ChildLink::reap);
     if !attached {
         // A ticket whose child died (or was never started) before attaching.
+        hp.child = link;
         if !entry.release_reservation() {
-            hp.child = link;
             return None;
         }
+        // The doorbell can hang up just before the process becomes a zombie: a child
+        // not reaped yet is reaped later.
+        hp.drop_link();
         hp.stats.deaths += 1;
         return Some(Death {
             peer,
