@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shm_guest::{AttachOptions, ShmGuest};
 use shm_host::{Meta, PeerId, PeerState, SegmentConfig, ShmHost};
-use shmhub_tests::{arg, pattern, poll_until, role, tell, Proc, ShmPath, LENGTHS};
+use shmhub_tests::{arg, hear, pattern, poll_until, role, tell, Proc, ShmPath, LENGTHS};
 
 const DATA: u32 = 1;
 const DONE: u32 = 2;
@@ -200,6 +200,9 @@ fn what_a_departed_guest_never_read_is_reclaimed_and_counted() {
     if role().as_deref() == Some("reader") {
         let mut guest = ShmGuest::attach_path(arg("SEG")).unwrap();
         tell("attached");
+        // Leave only once the host has sent all five (else its later sends would
+        // race the goodbye).
+        assert_eq!(hear(), "sent");
         let mut buf = Vec::new();
         let meta = poll_until(Duration::from_secs(20), "first", || {
             guest.try_recv(&mut buf).unwrap()
@@ -224,6 +227,7 @@ fn what_a_departed_guest_never_read_is_reclaimed_and_counted() {
         host.try_send(peer, Meta::new(1, n as u64), &pattern(9, n as u64, len))
             .unwrap();
     }
+    child.say("sent");
     child.expect("left");
     child.assert_success();
     let mut buf = Vec::new();
