@@ -75,6 +75,9 @@ pub struct SegmentHeader {
     pub host_bell: AtomicU32,
     /// 1 while the host is parked on `host_bell`.
     pub host_parked: AtomicU32,
+    /// Reserved, zero. Keeps the liveness fields off the wake words' cache line: a
+    /// guest reads `host_state` on every call, the host writes `host_parked` often.
+    pub _reserved1: [AtomicU64; 7],
     /// `HOST_RUNNING`, then `HOST_CLOSED` when the host leaves (`shm.live.host-close`).
     pub host_state: AtomicU32,
     /// Heartbeat interval in milliseconds; 0 = no heartbeat (`shm.live.heartbeat`).
@@ -82,7 +85,7 @@ pub struct SegmentHeader {
     /// Bumped by the host at least once per heartbeat interval.
     pub heartbeat: AtomicU64,
     /// Reserved, zero.
-    pub _reserved: [AtomicU64; 13],
+    pub _reserved: [AtomicU64; 6],
 }
 
 const _: () = {
@@ -109,10 +112,11 @@ const _: () = {
     assert!(offset_of!(SegmentHeader, ready_waiters) == 120);
     assert!(offset_of!(SegmentHeader, host_bell) == 128);
     assert!(offset_of!(SegmentHeader, host_parked) == 132);
-    assert!(offset_of!(SegmentHeader, host_state) == 136);
-    assert!(offset_of!(SegmentHeader, heartbeat_interval_ms) == 140);
-    assert!(offset_of!(SegmentHeader, heartbeat) == 144);
-    assert!(offset_of!(SegmentHeader, _reserved) == 152);
+    assert!(offset_of!(SegmentHeader, _reserved1) == 136);
+    assert!(offset_of!(SegmentHeader, host_state) == 192);
+    assert!(offset_of!(SegmentHeader, heartbeat_interval_ms) == 196);
+    assert!(offset_of!(SegmentHeader, heartbeat) == 200);
+    assert!(offset_of!(SegmentHeader, _reserved) == 208);
 };
 
 /// Why a segment header was refused.

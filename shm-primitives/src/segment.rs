@@ -207,10 +207,11 @@ mod tests {
             (offset_of!(H, ready_waiters), 120),
             (offset_of!(H, host_bell), 128),
             (offset_of!(H, host_parked), 132),
-            (offset_of!(H, host_state), 136),
-            (offset_of!(H, heartbeat_interval_ms), 140),
-            (offset_of!(H, heartbeat), 144),
-            (offset_of!(H, _reserved), 152),
+            (offset_of!(H, _reserved1), 136),
+            (offset_of!(H, host_state), 192),
+            (offset_of!(H, heartbeat_interval_ms), 196),
+            (offset_of!(H, heartbeat), 200),
+            (offset_of!(H, _reserved), 208),
             (size_of::<H>(), 256),
         ];
         for (i, (got, want)) in header.iter().enumerate() {
