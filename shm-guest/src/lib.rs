@@ -360,6 +360,12 @@ impl ShmGuest {
         Ok(guest)
     }
 
+    /// This guest's end of its doorbell: `Some` for a guest started with a spawn
+    /// ticket, `None` for one that attached by path.
+    pub fn doorbell(&self) -> Option<BorrowedFd<'_>> {
+        self.watch.doorbell().map(|fd: &OwnedFd| fd.as_fd())
+    }
+
     /// How often this guest checks that its host is alive while it is idle or
     /// blocked (default [`DEFAULT_LIVENESS_INTERVAL`]).
     pub fn set_liveness_interval(&mut self, interval: Duration) {
@@ -532,15 +538,6 @@ impl Drop for ShmGuest {
     }
 }
 
-/// The guest's end of its doorbell, for a guest started with a spawn ticket; a guest
-/// that attached by path has none and this is `None`.
-impl ShmGuest {
-    /// The doorbell descriptor (spawned guests only).
-    pub fn doorbell(&self) -> Option<BorrowedFd<'_>> {
-        self.watch.doorbell().map(|fd: &OwnedFd| fd.as_fd())
-    }
-}
-
 /// Checks that the host is alive and that entry `id` is still Attached with our
 /// generation.
 fn check_attached(
@@ -707,7 +704,7 @@ fn claim(
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(5));
         }
-        return match entry.try_claim_at(PeerState::Reserved, options.generation, pid) {
+        return match entry.try_claim(PeerState::Reserved, options.generation, pid) {
             Ok(generation) => Ok((peer, generation)),
             Err(word) => {
                 unlock_entry(peer);
@@ -722,7 +719,7 @@ fn claim(
         if !matches!(entry.load(), Ok(w) if w.state == PeerState::Empty) || !lock_entry(peer)? {
             continue;
         }
-        match entry.try_claim_at(PeerState::Empty, None, pid) {
+        match entry.try_claim(PeerState::Empty, None, pid) {
             Ok(generation) => return Ok((peer, generation)),
             Err(_) => unlock_entry(peer),
         }

@@ -325,11 +325,17 @@ impl ShmHost {
     /// attaches with `ShmGuest::attach_path_with_id(path, id)`.
     // shm[impl shm.peer.reserve]
     pub fn reserve_peer(&mut self) -> Result<PeerId, PeerError> {
+        self.reserve().map(|h| h.id)
+    }
+
+    /// Reserves the first Empty entry; its handle carries the generation the CAS
+    /// reserved (never re-read from guest-writable memory).
+    fn reserve(&mut self) -> Result<PeerHandle, PeerError> {
         for index in 0..self.peers.len() {
             let id = PeerId::from_index(index).expect("index < 255");
             let entry = self.segment.peer(id).expect("in range");
-            if entry.try_reserve().is_some() {
-                return Ok(id);
+            if let Some(generation) = entry.try_reserve() {
+                return Ok(PeerHandle { id, generation });
             }
         }
         Err(PeerError::TableFull)
@@ -531,15 +537,9 @@ impl ShmHost {
             op: "socketpair",
             source,
         })?;
-        let id = self.reserve_peer()?;
-        let generation = self
-            .segment
-            .peer(id)
-            .and_then(|e| e.load().ok())
-            .map_or(0, |w| w.generation);
-        let handle = spawn::peer_handle(id, generation);
-        self.peers[id.index()].child = Some(ChildLink {
-            generation,
+        let handle = self.reserve()?;
+        self.peers[handle.id.index()].child = Some(ChildLink {
+            generation: handle.generation,
             doorbell: host_end,
             pidfd: None,
             child: None,
@@ -687,11 +687,9 @@ impl ShmHost {
             } else {
                 None
             };
-            let death = match word.state {
-                PeerState::Reserved => cause.map(|c| (c, false)),
-                PeerState::Attached | PeerState::Goodbye
-                    if word.state == PeerState::Attached || fenced =>
-                {
+            let death = match (word.state, fenced) {
+                (PeerState::Reserved, _) => cause.map(|c| (c, false)),
+                (PeerState::Attached, _) | (PeerState::Goodbye, true) => {
                     let by_lock = || {
                         let offset = self.segment.layout().peer_offset(index);
                         match lock_file {

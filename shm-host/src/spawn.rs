@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use shm_primitives::ticket;
-use shm_primitives::PeerId;
 
 use crate::PeerHandle;
 
@@ -150,8 +149,4 @@ pub(crate) fn doorbell_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: the kernel just returned both fds to us; nothing else owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-pub(crate) fn peer_handle(id: PeerId, generation: u32) -> PeerHandle {
-    PeerHandle { id, generation }
 }

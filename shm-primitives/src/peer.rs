@@ -176,16 +176,11 @@ impl PeerEntry {
     }
 
     /// Guest: `from`(g) -> Attached(g) where `from` is Empty (attach by path) or
-    /// Reserved (attach with a reserved id). Records the guest's pid on success.
+    /// Reserved (attach with a reserved id), and g is `generation` when one is given
+    /// (a spawn ticket's). Records the guest's pid on success.
     // shm[impl shm.peer.attach-path]
     // shm[impl shm.peer.attach-reserved]
-    pub fn try_claim(&self, from: PeerState, pid: u32) -> Result<u32, Option<PeerWord>> {
-        self.try_claim_at(from, None, pid)
-    }
-
-    /// As [`try_claim`](Self::try_claim), and only if the entry is at `generation`
-    /// when one is given.
-    pub fn try_claim_at(
+    pub fn try_claim(
         &self,
         from: PeerState,
         generation: Option<u32>,

@@ -276,10 +276,10 @@ mod tests {
         assert_eq!(e.try_reserve(), Some(0));
         assert_eq!(e.try_reserve(), None, "only Empty can be reserved");
         assert!(
-            e.try_claim(PeerState::Empty, 1).is_err(),
+            e.try_claim(PeerState::Empty, None, 1).is_err(),
             "reserved is not Empty"
         );
-        assert_eq!(e.try_claim(PeerState::Reserved, 42), Ok(0));
+        assert_eq!(e.try_claim(PeerState::Reserved, None, 42), Ok(0));
         assert!(!e.release_reservation(), "attached is not Reserved");
         assert!(!e.recycle(0), "only Goodbye is recycled");
         assert!(e.goodbye(0));
