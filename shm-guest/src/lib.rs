@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shm_primitives::crash::{self, CrashPoint};
+use shm_primitives::doorbell::{self, Hello};
 use shm_primitives::header::HEADER_SIZE;
 use shm_primitives::lock;
 use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment};
@@ -211,6 +212,10 @@ pub struct ShmGuest {
     attached: bool,
     wait: WaitPolicy,
     watch: HostWatch,
+    /// Set while our ring's `consumer_parked` may say "doorbell".
+    armed_recv: bool,
+    /// Set while our ring's `producer_parked` may say "doorbell".
+    armed_send: bool,
 }
 
 impl std::fmt::Debug for ShmGuest {
@@ -253,10 +258,18 @@ impl ShmGuest {
         path: impl AsRef<Path>,
         options: AttachOptions,
     ) -> Result<Self, AttachError> {
+        Self::attach_path_inner(path.as_ref(), options, None)
+    }
+
+    fn attach_path_inner(
+        path: &Path,
+        options: AttachOptions,
+        doorbell: Option<OwnedFd>,
+    ) -> Result<Self, AttachError> {
         let start = Instant::now();
         let deadline = start + options.timeout;
         let mut report = AttachReport::default();
-        let file = open_waiting(path.as_ref(), deadline, &mut report, options.timeout)?;
+        let file = open_waiting(path, deadline, &mut report, options.timeout)?;
         let io = |op| move |source| AttachError::Io { op, source };
         let file_len = file.metadata().map_err(io("fstat segment"))?.len();
         if file_len < HEADER_SIZE as u64 {
@@ -285,7 +298,8 @@ impl ShmGuest {
         }
         drop(head_map);
         let map = MmapRegion::map(file, layout.total_size as usize).map_err(io("mmap segment"))?;
-        let mut guest = Self::attach_backing(ShmBacking::Mmap(Arc::new(map)), options)?;
+        let mut guest =
+            Self::attach_backing_inner(ShmBacking::Mmap(Arc::new(map)), options, doorbell)?;
         report.elapsed = start.elapsed();
         guest.report = report;
         Ok(guest)
@@ -296,6 +310,17 @@ impl ShmGuest {
     pub fn attach_backing(
         backing: ShmBacking,
         options: AttachOptions,
+    ) -> Result<Self, AttachError> {
+        Self::attach_backing_inner(backing, options, None)
+    }
+
+    /// Claims an entry, then takes the doorbell: the ticket's, or a new connection to
+    /// the host's listener that names the entry just claimed (`shm.doorbell.connect`).
+    /// If the connection fails the entry is given back (the guest says goodbye).
+    fn attach_backing_inner(
+        backing: ShmBacking,
+        options: AttachOptions,
+        doorbell: Option<OwnedFd>,
     ) -> Result<Self, AttachError> {
         let start = Instant::now();
         let header = Segment::header_of(backing.region())?;
@@ -310,8 +335,30 @@ impl ShmGuest {
         let segment = Segment::attach(backing)?;
         let (id, generation) = claim(&segment, &options, start + options.timeout)?;
         crash::point(CrashPoint::AfterClaim);
+        let doorbell = match doorbell {
+            Some(fd) => Ok(fd),
+            None => {
+                let hello = Hello {
+                    index: id.index() as u32,
+                    generation,
+                };
+                doorbell::connect(segment.header().segment_id(), hello)
+            }
+        };
+        let doorbell = match doorbell {
+            Ok(fd) => fd,
+            Err(source) => {
+                if let Some(entry) = segment.peer(id) {
+                    entry.goodbye(generation);
+                }
+                return Err(AttachError::Io {
+                    op: "connect the doorbell",
+                    source,
+                });
+            }
+        };
         report.elapsed = start.elapsed();
-        let watch = HostWatch::new(&segment);
+        let watch = HostWatch::new(&segment, doorbell);
         Ok(Self {
             segment,
             id,
@@ -322,6 +369,8 @@ impl ShmGuest {
             attached: true,
             wait: WaitPolicy::default(),
             watch,
+            armed_recv: false,
+            armed_send: false,
         })
     }
 
@@ -355,15 +404,52 @@ impl ShmGuest {
             generation: Some(ticket.generation),
             timeout: ticket.attach_timeout,
         };
-        let mut guest = Self::attach_path_with(&ticket.path, options)?;
-        guest.watch.set_doorbell(doorbell);
-        Ok(guest)
+        Self::attach_path_inner(&ticket.path, options, Some(doorbell))
     }
 
-    /// This guest's end of its doorbell: `Some` for a guest started with a spawn
-    /// ticket, `None` for one that attached by path.
-    pub fn doorbell(&self) -> Option<BorrowedFd<'_>> {
-        self.watch.doorbell().map(|fd: &OwnedFd| fd.as_fd())
+    /// This guest's end of its doorbell: the socket its spawn ticket carried, or its
+    /// connection to the host's listener for a guest that attached by path or
+    /// backing. Also available through [`AsFd`].
+    pub fn doorbell(&self) -> BorrowedFd<'_> {
+        self.watch.doorbell()
+    }
+
+    /// Prepares to wait on this guest's fd ([`AsFd`]) for a message: consumes pending
+    /// rings and marks this guest parked on its doorbell, so the host rings it when it
+    /// publishes. Then call [`try_recv`](Self::try_recv) until it returns `None`, and
+    /// only then wait for the fd to become readable; the next message received
+    /// disarms. A host that dies or closes the segment makes the fd readable too (end
+    /// of stream). Errors if the host is already gone.
+    // shm[impl shm.doorbell.asfd]
+    // shm[impl shm.doorbell.arm]
+    pub fn arm_doorbell_recv(&mut self) -> Result<(), DetachedError> {
+        self.watch.drain_doorbell(&self.segment)?;
+        let ring = self.segment.ring(self.id, Direction::ToGuest);
+        ring.expect("validated id").data_bell().arm_doorbell();
+        self.armed_recv = true;
+        Ok(())
+    }
+
+    /// Like [`arm_doorbell_recv`](Self::arm_doorbell_recv), for room towards the
+    /// host: the host rings when it consumes. Then retry [`try_send`](Self::try_send)
+    /// before waiting; a successful send disarms.
+    pub fn arm_doorbell_send(&mut self) -> Result<(), DetachedError> {
+        self.watch.drain_doorbell(&self.segment)?;
+        let ring = self.segment.ring(self.id, Direction::ToHost);
+        ring.expect("validated id").space_bell().arm_doorbell();
+        self.armed_send = true;
+        Ok(())
+    }
+
+    /// How often this guest checks that its host is alive while idle or blocked.
+    pub fn liveness_interval(&self) -> Duration {
+        self.watch.interval()
+    }
+
+    /// Checks that the host is alive now if a liveness interval has passed since the
+    /// last check (for event loops that wait on [`AsFd`] with a timeout).
+    pub fn check_host(&mut self) -> Result<(), DetachedError> {
+        self.watch.check_if_due(&self.segment)
     }
 
     /// How often this guest checks that its host is alive while it is idle or
@@ -409,10 +495,26 @@ impl ShmGuest {
             meta,
             payload,
         );
-        if matches!(&sent, Err(e) if e.is_would_block()) {
-            self.watch.check_if_due(&self.segment)?;
+        match &sent {
+            Ok(()) if self.armed_send => self.disarm_send(),
+            Err(e) if e.is_would_block() => self.watch.check_if_due(&self.segment)?,
+            _ => {}
         }
         sent
+    }
+
+    #[cold]
+    fn disarm_send(&mut self) {
+        self.armed_send = false;
+        let ring = self.segment.ring(self.id, Direction::ToHost);
+        ring.expect("validated id").space_bell().disarm_doorbell();
+    }
+
+    #[cold]
+    fn disarm_recv(&mut self) {
+        self.armed_recv = false;
+        let ring = self.segment.ring(self.id, Direction::ToGuest);
+        ring.expect("validated id").data_bell().disarm_doorbell();
     }
 
     /// Receives one message from the host into `buf` (replacing its contents), or
@@ -420,8 +522,10 @@ impl ShmGuest {
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
         let me = (self.id, self.generation);
         let got = recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)?;
-        if got.is_none() {
-            self.watch.check_if_due(&self.segment)?;
+        match got {
+            Some(_) if self.armed_recv => self.disarm_recv(),
+            Some(_) => {}
+            None => self.watch.check_if_due(&self.segment)?,
         }
         Ok(got)
     }
@@ -443,6 +547,9 @@ impl ShmGuest {
         timeout: Duration,
     ) -> Result<Option<Meta>, RecvError> {
         let me = (self.id, self.generation);
+        if self.armed_recv {
+            self.disarm_recv();
+        }
         let ring = self
             .segment
             .ring(self.id, Direction::ToGuest)
@@ -471,6 +578,9 @@ impl ShmGuest {
     // shm[impl shm.wake.space]
     pub fn send(&mut self, meta: Meta, payload: &[u8], timeout: Duration) -> Result<(), SendError> {
         let me = (self.id, self.generation);
+        if self.armed_send {
+            self.disarm_send();
+        }
         let ring = self
             .segment
             .ring(self.id, Direction::ToHost)
@@ -532,6 +642,16 @@ impl ShmGuest {
     }
 }
 
+/// The guest's doorbell ([`ShmGuest::doorbell`]): readable when the host rang it
+/// (after [`ShmGuest::arm_doorbell_recv`] or [`ShmGuest::arm_doorbell_send`]) or hung
+/// up.
+// shm[impl shm.doorbell.asfd]
+impl AsFd for ShmGuest {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.watch.doorbell()
+    }
+}
+
 impl Drop for ShmGuest {
     fn drop(&mut self) {
         self.goodbye();
@@ -576,8 +696,9 @@ fn send_once(
     check_attached(segment, me, watch)?;
     let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
     let pool = segment.pool(me.0, Direction::ToHost).expect("validated id");
+    let bell = Some(watch.doorbell());
     outbox
-        .send(&ring, &pool, meta, payload)
+        .send(&ring, &pool, meta, payload, bell)
         .map_err(|e| match e {
             ChannelSendError::RingFull => SendError::WouldBlockRing,
             ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
@@ -585,7 +706,7 @@ fn send_once(
             ChannelSendError::Violation(v) => SendError::Violation(v),
         })?;
     // shm[impl shm.wake.host-bell]: after every publish, a syscall only if parked.
-    segment.header().ring_host_bell();
+    segment.header().ring_host_bell(bell);
     Ok(())
 }
 
@@ -604,7 +725,9 @@ fn recv_once(
     let pool = segment
         .pool(me.0, Direction::ToGuest)
         .expect("validated id");
-    inbox.recv(&ring, &pool, buf).map_err(RecvError::Violation)
+    inbox
+        .recv(&ring, &pool, buf, Some(watch.doorbell()))
+        .map_err(RecvError::Violation)
 }
 
 fn open_waiting(

@@ -2,9 +2,10 @@
 //! every call; the host's lock, the doorbell's hang-up and the heartbeat once per
 //! liveness interval while idle or blocked.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use shm_primitives::doorbell::{self, Drained};
 use shm_primitives::{lock, Segment};
 
 use crate::DetachedError;
@@ -27,7 +28,9 @@ pub enum HostDeathCause {
 pub(crate) struct HostWatch {
     interval: Duration,
     next_due: Instant,
-    doorbell: Option<OwnedFd>,
+    /// This guest's end of its doorbell (every guest has one: a ticket's socket pair
+    /// or its connection to the host's listener).
+    doorbell: OwnedFd,
     last_beat: u64,
     last_beat_change: Instant,
     /// Sticky: once the host is gone, every call reports it.
@@ -35,12 +38,12 @@ pub(crate) struct HostWatch {
 }
 
 impl HostWatch {
-    pub(crate) fn new(segment: &Segment) -> Self {
+    pub(crate) fn new(segment: &Segment, doorbell: OwnedFd) -> Self {
         let now = Instant::now();
         Self {
             interval: DEFAULT_LIVENESS_INTERVAL,
             next_due: now,
-            doorbell: None,
+            doorbell,
             last_beat: segment.header().heartbeat(),
             last_beat_change: now,
             gone: None,
@@ -52,12 +55,24 @@ impl HostWatch {
         self.next_due = Instant::now();
     }
 
-    pub(crate) fn set_doorbell(&mut self, fd: OwnedFd) {
-        self.doorbell = Some(fd);
+    pub(crate) fn doorbell(&self) -> BorrowedFd<'_> {
+        self.doorbell.as_fd()
     }
 
-    pub(crate) fn doorbell(&self) -> Option<&OwnedFd> {
-        self.doorbell.as_ref()
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Consumes the doorbell's pending rings before a wait on it. Its end of stream
+    /// means the host is gone (or closed the segment: the closed flag says which).
+    pub(crate) fn drain_doorbell(&mut self, segment: &Segment) -> Result<(), DetachedError> {
+        if doorbell::drain(self.doorbell.as_fd()) == Drained::HungUp {
+            self.check_cheap(segment)?;
+            return Err(*self
+                .gone
+                .insert(DetachedError::HostDead(HostDeathCause::HungUp)));
+        }
+        Ok(())
     }
 
     /// The next sleep slice: at most one interval, never past `deadline`.
@@ -99,10 +114,8 @@ impl HostWatch {
     // shm[impl shm.live.host-death]
     // shm[impl shm.live.heartbeat]
     fn host_death(&mut self, segment: &Segment, now: Instant) -> Option<HostDeathCause> {
-        if let Some(fd) = &self.doorbell {
-            if hung_up(fd) {
-                return Some(HostDeathCause::HungUp);
-            }
+        if hung_up(&self.doorbell) {
+            return Some(HostDeathCause::HungUp);
         }
         if let Some(file) = segment.backing().file() {
             // An error (which a working file never gives) counts as alive.

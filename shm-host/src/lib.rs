@@ -14,12 +14,14 @@
 
 #![warn(missing_docs)]
 
+mod doorbells;
 mod file;
 mod liveness;
 mod peers;
 mod spawn;
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -31,9 +33,10 @@ pub use shm_primitives::{
     Violation, WaitPolicy, INLINE_CAPACITY,
 };
 
+use doorbells::Doorbells;
 use file::{io_err, InstalledPath, TempSegment};
 pub use file::{segment_path, SEGMENT_DIR, SEGMENT_MODE, SEGMENT_PREFIX};
-use liveness::ChildLink;
+use liveness::GuestLink;
 pub use liveness::{Death, DeathCause, DEFAULT_LIVENESS_INTERVAL};
 use peers::HostPeer;
 pub use peers::{PeerInfo, PeerStats, PeerUsage};
@@ -236,6 +239,12 @@ pub struct ShmHost {
     next_beat: Instant,
     death_hooks: Vec<DeathHook>,
     poll_scratch: Vec<libc::pollfd>,
+    /// Every guest's doorbell, as one epoll set (`AsFd`).
+    doorbells: Doorbells,
+    /// Set while `host_parked` may say "doorbell" (cleared by the next receive).
+    armed_recv: bool,
+    /// The entry whose ring's `producer_parked` may say "doorbell".
+    armed_send: Option<PeerId>,
 }
 
 impl ShmHost {
@@ -256,11 +265,13 @@ impl ShmHost {
         let map =
             MmapRegion::map(file, layout.total_size as usize).map_err(io_err("mmap segment"))?;
         let segment = init_segment(ShmBacking::Mmap(Arc::new(map)), config)?;
+        let doorbells = Doorbells::new(segment.header().segment_id())
+            .map_err(io_err("listen for doorbells"))?;
         segment.publish();
         let file = tmp.install(path)?;
         let installed =
             InstalledPath::new(path.to_path_buf(), &file).map_err(io_err("fstat segment"))?;
-        Ok(Self::new(segment, Some(installed)))
+        Ok(Self::new(segment, doorbells, Some(installed)))
     }
 
     /// Creates a heap-backed segment for guests in this process
@@ -270,11 +281,13 @@ impl ShmHost {
         let heap = HeapRegion::new_zeroed(layout.total_size as usize)
             .map_err(io_err("allocate heap segment"))?;
         let segment = init_segment(ShmBacking::Heap(Arc::new(heap)), config)?;
+        let doorbells = Doorbells::new(segment.header().segment_id())
+            .map_err(io_err("listen for doorbells"))?;
         segment.publish();
-        Ok(Self::new(segment, None))
+        Ok(Self::new(segment, doorbells, None))
     }
 
-    fn new(segment: Segment, installed: Option<InstalledPath>) -> Self {
+    fn new(segment: Segment, doorbells: Doorbells, installed: Option<InstalledPath>) -> Self {
         let n = segment.layout().config.max_guests as usize;
         Self {
             segment_id: segment.header().segment_id(),
@@ -288,6 +301,9 @@ impl ShmHost {
             next_beat: Instant::now(),
             death_hooks: Vec::new(),
             poll_scratch: Vec::new(),
+            doorbells,
+            armed_recv: false,
+            armed_send: None,
             installed,
         }
     }
@@ -387,7 +403,10 @@ impl ShmHost {
         meta: Meta,
         payload: &[u8],
     ) -> Result<(), SendError> {
-        send_once(&self.segment, &mut self.peers, to.into(), meta, payload)
+        let to = to.into();
+        let sent = send_once(&self.segment, &mut self.peers, to, meta, payload);
+        self.after_send(to.id, &sent);
+        sent
     }
 
     /// Receives one message from any guest into `buf` (replacing its contents).
@@ -402,8 +421,9 @@ impl ShmHost {
     /// checks which guests died and recovers their entries (`shm.live.tick`).
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
         let got = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)?;
-        if got.is_none() {
-            self.check_liveness_if_due();
+        match got {
+            Some(msg) => self.after_recv(msg.from),
+            None => self.check_liveness_if_due(),
         }
         Ok(got)
     }
@@ -426,6 +446,7 @@ impl ShmHost {
     ) -> Result<Option<Received>, RecvError> {
         // Fast path: no clock read when a message is already waiting.
         if let Some(got) = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)? {
+            self.after_recv(got.from);
             return Ok(Some(got));
         }
         let deadline = Instant::now().checked_add(timeout);
@@ -435,7 +456,8 @@ impl ShmHost {
             let got = shm_primitives::wait::wait_for(self.wait, slice, &bell, || {
                 recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
             })?;
-            if got.is_some() {
+            if let Some(msg) = got {
+                self.after_recv(msg.from);
                 return Ok(got);
             }
             self.check_liveness_if_due();
@@ -460,7 +482,10 @@ impl ShmHost {
         // Fast path: no clock read when there is room.
         match send_once(&self.segment, &mut self.peers, to, meta, payload) {
             Err(e) if e.is_would_block() => {}
-            done => return done,
+            done => {
+                self.after_send(to.id, &done);
+                return done;
+            }
         }
         let deadline = Instant::now().checked_add(timeout);
         loop {
@@ -478,6 +503,7 @@ impl ShmHost {
                     }
                 })?;
             if sent.is_some() {
+                self.after_send(to.id, &Ok(()));
                 return Ok(());
             }
             self.check_liveness_if_due();
@@ -533,17 +559,20 @@ impl ShmHost {
         options: GuestOptions,
     ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
         let path = self.path().ok_or(SpawnError::NoPath)?.to_path_buf();
-        let (host_end, child_end) = spawn::doorbell_pair().map_err(|source| SpawnError::Io {
-            op: "socketpair",
-            source,
-        })?;
+        let (host_end, child_end) =
+            shm_primitives::doorbell::pair().map_err(|source| SpawnError::Io {
+                op: "socketpair",
+                source,
+            })?;
         let handle = self.reserve()?;
-        self.peers[handle.id.index()].child = Some(ChildLink {
+        let link = GuestLink {
             generation: handle.generation,
             doorbell: host_end,
             pidfd: None,
             child: None,
-        });
+        };
+        self.doorbells.watch_link(handle.id.index(), &link);
+        self.peers[handle.id.index()].link = Some(link);
         let ticket = SpawnTicket {
             path,
             handle,
@@ -576,11 +605,12 @@ impl ShmHost {
         drop(ticket);
         let pid = child.id();
         let link = self.peers[handle.id.index()]
-            .child
+            .link
             .as_mut()
             .expect("set by prepare_guest");
         link.pidfd = liveness::pidfd_open(pid);
         link.child = Some(child);
+        self.doorbells.watch_pidfd(handle.id.index(), link);
         Ok(SpawnedGuest { handle, pid })
     }
 
@@ -592,7 +622,7 @@ impl ShmHost {
         let link = self
             .peers
             .get(handle.id.index())
-            .and_then(|p| p.child.as_ref());
+            .and_then(|p| p.link.as_ref());
         match (word, link.and_then(|l| l.pidfd.as_ref())) {
             (Some(w), Some(pidfd)) if w.generation == handle.generation => {
                 liveness::pidfd_signal(pidfd, signal)
@@ -639,6 +669,107 @@ impl ShmHost {
         recycled
     }
 
+    /// Prepares to wait on this host's fd ([`AsFd`]) for messages: consumes pending
+    /// doorbell rings, links guests that are connecting, recovers guests whose
+    /// doorbell hung up, then marks the host parked on its doorbells, so every guest
+    /// that publishes rings its doorbell. Then call [`try_recv`](Self::try_recv) until
+    /// it returns `None`, and only then wait for the fd to become readable. The next
+    /// message received disarms. Wait at most [`liveness_interval`] at a time (and
+    /// call in again) so deaths of guests without a doorbell signal are noticed.
+    ///
+    /// [`liveness_interval`]: Self::liveness_interval
+    // shm[impl shm.doorbell.asfd]
+    // shm[impl shm.doorbell.arm]
+    pub fn arm_doorbell_recv(&mut self) {
+        self.service_doorbells();
+        self.segment.header().host_bell().arm_doorbell();
+        self.armed_recv = true;
+    }
+
+    /// Like [`arm_doorbell_recv`](Self::arm_doorbell_recv), for room towards one
+    /// guest: the guest rings its doorbell when it consumes. Then retry
+    /// [`try_send`](Self::try_send) before waiting; a successful send disarms.
+    pub fn arm_doorbell_send(&mut self, to: impl Into<Target>) {
+        self.service_doorbells();
+        let id = to.into().id;
+        if let Some(old) = self.armed_send.replace(id).filter(|&old| old != id) {
+            if let Some(ring) = self.segment.ring(old, Direction::ToGuest) {
+                ring.space_bell().disarm_doorbell();
+            }
+        }
+        if let Some(ring) = self.segment.ring(id, Direction::ToGuest) {
+            ring.space_bell().arm_doorbell();
+        }
+    }
+
+    /// How often liveness is checked while the host is inside its API.
+    pub fn liveness_interval(&self) -> Duration {
+        self.liveness_interval
+    }
+
+    /// Drains the doorbell set and acts on what it found.
+    fn service_doorbells(&mut self) {
+        let found = self.doorbells.drain(&self.peers);
+        if found.connecting {
+            self.doorbells.accept(&self.segment, &mut self.peers);
+        }
+        if found.death {
+            self.check_liveness();
+        } else {
+            self.check_liveness_if_due();
+        }
+    }
+
+    /// After a send: disarms a space wait on that ring, and rings a guest that waits
+    /// on a doorbell the host has not linked yet (a path guest whose connection is
+    /// still queued).
+    #[inline]
+    fn after_send(&mut self, peer: PeerId, sent: &Result<(), SendError>) {
+        if sent.is_err() {
+            return;
+        }
+        if self.armed_send == Some(peer) {
+            self.armed_send = None;
+            if let Some(ring) = self.segment.ring(peer, Direction::ToGuest) {
+                ring.space_bell().disarm_doorbell();
+            }
+        }
+        if self.peers[peer.index()].link.is_none() {
+            self.ring_unlinked(peer, Direction::ToGuest);
+        }
+    }
+
+    /// After a receive: disarms the doorbell wait, and rings an unlinked guest that
+    /// waits for room (as in `after_send`).
+    #[inline]
+    fn after_recv(&mut self, from: PeerId) {
+        if self.armed_recv {
+            self.armed_recv = false;
+            self.segment.header().host_bell().disarm_doorbell();
+        }
+        if self.peers[from.index()].link.is_none() {
+            self.ring_unlinked(from, Direction::ToHost);
+        }
+    }
+
+    #[cold]
+    fn ring_unlinked(&mut self, peer: PeerId, dir: Direction) {
+        let Some(ring) = self.segment.ring(peer, dir) else {
+            return;
+        };
+        let wants = match dir {
+            Direction::ToGuest => ring.consumer_wants_doorbell(),
+            Direction::ToHost => ring.producer_wants_doorbell(),
+        };
+        if !wants {
+            return;
+        }
+        self.doorbells.accept(&self.segment, &mut self.peers);
+        if let Some(link) = &self.peers[peer.index()].link {
+            shm_primitives::doorbell::ring(link.doorbell.as_fd());
+        }
+    }
+
     fn check_liveness_if_due(&mut self) {
         if Instant::now() >= self.next_liveness {
             self.check_liveness();
@@ -659,8 +790,10 @@ impl ShmHost {
                 self.next_beat = now + beat / 2;
             }
         }
+        // New path guests first, so their doorbells count below.
+        self.doorbells.accept(&self.segment, &mut self.peers);
         let events = liveness::poll_links(
-            self.peers.iter().map(|p| p.child.as_ref()),
+            self.peers.iter().map(|p| p.link.as_ref()),
             &mut self.poll_scratch,
         );
         let lock_file = self.segment.backing().file();
@@ -719,6 +852,16 @@ impl ShmHost {
             }
         }
         deaths.len()
+    }
+}
+
+/// The host's doorbell set: an epoll fd that is readable when a guest rang (after
+/// [`ShmHost::arm_doorbell_recv`] or [`ShmHost::arm_doorbell_send`]), when a guest's
+/// doorbell hung up or a spawned child exited, or when a path guest is connecting.
+// shm[impl shm.doorbell.asfd]
+impl AsFd for ShmHost {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.doorbells.fd()
     }
 }
 
@@ -783,7 +926,8 @@ fn send_once(
     }
     let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
     let pool = segment.pool(peer, Direction::ToGuest).expect("in range");
-    match hp.outbox.send(&ring, &pool, meta, payload) {
+    let bell = peers::doorbell(&hp.link, word.generation);
+    match hp.outbox.send(&ring, &pool, meta, payload, bell) {
         Ok(()) => {
             hp.stats.sent += 1;
             Ok(())
@@ -823,7 +967,8 @@ fn recv_once(
         }
         let ring = segment.ring(peer, Direction::ToHost).expect("in range");
         let pool = segment.pool(peer, Direction::ToHost).expect("in range");
-        match hp.inbox.recv(&ring, &pool, buf) {
+        let bell = peers::doorbell(&hp.link, word.generation);
+        match hp.inbox.recv(&ring, &pool, buf, bell) {
             Ok(Some(meta)) => {
                 hp.stats.received += 1;
                 *next_recv = (index + 1) % n;

@@ -48,18 +48,19 @@ pub struct Death {
     pub reclaimed_slots: u64,
 }
 
-/// The host's link to a guest it prepared a ticket for: the host end of its doorbell
-/// and, once spawned by the host, its pidfd and `Child` (so the host reaps it).
+/// The host's link to one guest incarnation: the host end of its doorbell and, for a
+/// child the host spawned, its pidfd and `Child` (so the host reaps it).
 #[derive(Debug)]
-pub(crate) struct ChildLink {
-    /// The generation of the reservation the ticket was made for.
+pub(crate) struct GuestLink {
+    /// The generation of the incarnation (a ticket's reservation, or the generation a
+    /// path guest's hello named).
     pub(crate) generation: u32,
     pub(crate) doorbell: OwnedFd,
     pub(crate) pidfd: Option<OwnedFd>,
     pub(crate) child: Option<Child>,
 }
 
-impl ChildLink {
+impl GuestLink {
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -81,7 +82,7 @@ pub(crate) struct LinkEvents {
 
 /// Polls (without waiting) the pidfd and doorbell of every link in one system call.
 pub(crate) fn poll_links<'a>(
-    links: impl Iterator<Item = Option<&'a ChildLink>>,
+    links: impl Iterator<Item = Option<&'a GuestLink>>,
     scratch: &mut Vec<libc::pollfd>,
 ) -> Vec<LinkEvents> {
     scratch.clear();

@@ -1,12 +1,15 @@
 //! The host's private state for each peer entry, and recycling.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
 use shm_primitives::peer::PeerEntry;
 use shm_primitives::slot::PoolUsage;
 use shm_primitives::{Direction, Inbox, Outbox, PeerId, PeerState, PeerWord, Segment, Violation};
 
-use crate::liveness::{ChildLink, Death, DeathCause};
+use std::process::Child;
+
+use crate::liveness::{Death, DeathCause, GuestLink};
 
 /// Counters the host keeps for one peer entry, across all guests that used it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,12 +71,11 @@ pub(crate) struct HostPeer {
     /// The generation the entry held when the host fenced it.
     fenced_generation: u32,
     pub(crate) stats: PeerStats,
-    /// The ticket (and, once spawned, the process) of the guest this entry was
-    /// prepared for.
-    pub(crate) child: Option<ChildLink>,
+    /// The doorbell (and, for a spawned child, the process) of the entry's guest.
+    pub(crate) link: Option<GuestLink>,
     /// Spawned children whose entries were recycled but that have not exited yet;
-    /// reaped once they do.
-    departed: Vec<ChildLink>,
+    /// reaped once they do (their descriptors are closed already).
+    departed: Vec<Child>,
 }
 
 impl HostPeer {
@@ -122,22 +124,22 @@ impl HostPeer {
     /// Lets go of the entry's link (a released reservation, a finished guest): its
     /// descriptors close now, and its child, if any, is reaped once it exits.
     pub(crate) fn drop_link(&mut self) {
-        if let Some(mut link) = self.child.take() {
-            if link.child.is_some() && link.reap().is_none() {
-                self.departed.push(link);
+        if let Some(mut link) = self.link.take() {
+            if link.reap().is_none() {
+                self.departed.extend(link.child.take());
             }
         }
     }
 
     pub(crate) fn reap_departed(&mut self) {
         self.departed
-            .retain_mut(|link| link.child.is_some() && link.reap().is_none());
+            .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
     }
 
     /// Whether the entry has a link for generation `generation` (events of a link
     /// made for another incarnation say nothing about this one).
     pub(crate) fn link_matches(&self, generation: u32) -> bool {
-        self.child
+        self.link
             .as_ref()
             .is_some_and(|l| l.generation == generation)
     }
@@ -153,6 +155,15 @@ impl HostPeer {
             stats: self.stats,
         }
     }
+}
+
+/// The doorbell of `link` if it is the link of the guest at `generation` (a free
+/// function so the caller can borrow the entry's other fields meanwhile).
+#[inline]
+pub(crate) fn doorbell(link: &Option<GuestLink>, generation: u32) -> Option<BorrowedFd<'_>> {
+    link.as_ref()
+        .filter(|l| l.generation == generation)
+        .map(|l| l.doorbell.as_fd())
 }
 
 /// Returns a departed guest's entry to Empty: counts and discards what it never
@@ -203,15 +214,15 @@ pub(crate) fn recover(
     attached: bool,
 ) -> Option<Death> {
     let entry = segment.peer(peer).expect("in range");
-    let mut link = hp.child.take();
+    let mut link = hp.link.take();
     let pid = link
         .as_ref()
-        .and_then(ChildLink::pid)
+        .and_then(GuestLink::pid)
         .or(Some(entry.guest_pid.load(Ordering::Relaxed)).filter(|&p| p != 0));
-    let exit = link.as_mut().and_then(ChildLink::reap);
+    let exit = link.as_mut().and_then(GuestLink::reap);
     if !attached {
         // A ticket whose child died (or was never started) before attaching.
-        hp.child = link;
+        hp.link = link;
         if !entry.release_reservation() {
             return None;
         }
@@ -244,7 +255,7 @@ pub(crate) fn recover(
             ..word
         };
         if word.state != PeerState::Attached || !entry.cas(word, goodbye) {
-            hp.child = link;
+            hp.link = link;
             return None;
         }
         word.generation
@@ -261,7 +272,7 @@ pub(crate) fn recover(
         )
     };
     let before = hp.stats;
-    hp.child = link;
+    hp.link = link;
     recycle(segment, peer, hp, generation);
     hp.stats.abandoned += abandoned;
     hp.stats.deaths += 1;

@@ -130,23 +130,3 @@ pub struct SpawnedGuest {
     /// Its process id (the host keeps its pidfd and reaps it).
     pub pid: u32,
 }
-
-/// A connected pair of close-on-exec stream sockets: (host end, child end).
-pub(crate) fn doorbell_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair writes two fds into the array we own.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned both fds to us; nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}

@@ -3,6 +3,8 @@
 //! The same code runs in the host and in guests; the host's copies validate what its
 //! guests wrote, and the guests' copies validate what the host wrote.
 
+use std::os::fd::BorrowedFd;
+
 use crate::desc::{Body, Descriptor, Meta, INLINE_CAPACITY};
 use crate::ring::{Consumer, Producer, PushError, RingView};
 use crate::slot::PoolView;
@@ -49,7 +51,8 @@ impl Outbox {
     }
 
     /// Sends one message: inline when it fits in the descriptor, otherwise through a
-    /// slot of `pool`. Copies the payload once.
+    /// slot of `pool`. Copies the payload once. `bell` is the receiver's doorbell, rung
+    /// if it waits on it.
     // shm[impl shm.msg.inline]
     // shm[impl shm.msg.slot]
     pub fn send(
@@ -58,6 +61,7 @@ impl Outbox {
         pool: &PoolView<'_>,
         meta: Meta,
         payload: &[u8],
+        bell: Option<BorrowedFd<'_>>,
     ) -> Result<(), ChannelSendError> {
         let push_err = |e| match e {
             PushError::Full => ChannelSendError::RingFull,
@@ -72,7 +76,7 @@ impl Outbox {
                 payload_len: payload.len() as u32,
                 body: Body::Inline(data),
             };
-            return self.producer.push(ring, desc).map_err(push_err);
+            return self.producer.push(ring, desc, bell).map_err(push_err);
         }
         if payload.len() > pool.slot_size() as usize {
             return Err(ChannelSendError::TooLarge {
@@ -109,7 +113,7 @@ impl Outbox {
             payload_len: payload.len() as u32,
             body: Body::Slot { index, generation },
         };
-        self.producer.push(ring, desc).map_err(|e| {
+        self.producer.push(ring, desc, bell).map_err(|e| {
             pool.unloan(index, generation);
             push_err(e)
         })
@@ -135,7 +139,8 @@ impl Inbox {
 
     /// Receives one message into `out` (replacing its contents), returning its meta,
     /// or `None` when the ring is empty. A slot payload's slot is freed before this
-    /// returns. Any impossible value is a [`Violation`] and nothing is consumed.
+    /// returns. Any impossible value is a [`Violation`] and nothing is consumed. `bell`
+    /// is the sender's doorbell, rung if it waits on it for space.
     // shm[impl shm.msg.inline]
     // shm[impl shm.msg.slot]
     // shm[impl shm.untrusted.validate]
@@ -144,6 +149,7 @@ impl Inbox {
         ring: &RingView<'_>,
         pool: &PoolView<'_>,
         out: &mut Vec<u8>,
+        bell: Option<BorrowedFd<'_>>,
     ) -> Result<Option<Meta>, Violation> {
         let Some(desc) = self.consumer.peek(ring)? else {
             return Ok(None);
@@ -176,7 +182,7 @@ impl Inbox {
             }
         }
         // (C4) Space and any slot are free now: wake a parked producer.
-        ring.wake_producer();
+        ring.wake_producer(bell);
         Ok(Some(desc.meta))
     }
 }

@@ -1,16 +1,18 @@
 //! The segment header: the first 256 bytes of every segment.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
 use crate::layout::{SegmentConfig, SegmentLayout};
 
 /// Size of the header in bytes.
 pub const HEADER_SIZE: usize = 256;
 /// `b"SHMHUB\0\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
-/// Current layout and protocol version (3: liveness locks, host state and heartbeat).
-pub const VERSION: u32 = 3;
+/// Current layout and protocol version (4: parked flags say futex or doorbell).
+pub const VERSION: u32 = 4;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).
@@ -259,12 +261,23 @@ impl SegmentHeader {
     }
 
     /// Guest, after publishing to the host: rings the host-wide bell only if the host
-    /// is parked (no syscall otherwise).
+    /// is parked (no syscall otherwise): the futex, or the guest's `doorbell` when the
+    /// host waits on its doorbells.
     // shm[impl shm.wake.host-bell]
-    pub fn ring_host_bell(&self) {
-        if self.host_parked.load(Ordering::SeqCst) != 0 {
-            self.host_bell.fetch_add(1, Ordering::SeqCst);
-            crate::futex::wake_all(&self.host_bell);
+    // shm[impl shm.doorbell.ring]
+    #[inline]
+    pub fn ring_host_bell(&self, doorbell: Option<BorrowedFd<'_>>) {
+        match self.host_parked.load(Ordering::SeqCst) {
+            0 => {}
+            PARKED_DOORBELL => {
+                if let Some(fd) = doorbell {
+                    crate::doorbell::ring(fd);
+                }
+            }
+            _ => {
+                self.host_bell.fetch_add(1, Ordering::SeqCst);
+                crate::futex::wake_all(&self.host_bell);
+            }
         }
     }
 
@@ -417,9 +430,25 @@ impl SegmentHeader {
 #[derive(Debug, Clone, Copy)]
 pub struct HostBell<'a>(&'a SegmentHeader);
 
+impl HostBell<'_> {
+    /// Marks the host parked on its doorbells (SeqCst; the host re-checks every ring
+    /// after this, then waits on its doorbell fd).
+    // shm[impl shm.doorbell.arm]
+    pub fn arm_doorbell(&self) {
+        self.0.host_parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+    }
+
+    /// Clears the parked mark, if set.
+    pub fn disarm_doorbell(&self) {
+        if self.0.host_parked.load(Ordering::Relaxed) != 0 {
+            self.0.host_parked.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 impl crate::wait::Bell for HostBell<'_> {
     fn arm(&self) -> u32 {
-        self.0.host_parked.store(1, Ordering::SeqCst);
+        self.0.host_parked.store(PARKED_FUTEX, Ordering::SeqCst);
         self.0.host_bell.load(Ordering::SeqCst)
     }
 

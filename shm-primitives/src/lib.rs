@@ -8,6 +8,7 @@
 pub mod channel;
 pub mod crash;
 pub mod desc;
+pub mod doorbell;
 pub mod futex;
 pub mod header;
 pub mod layout;

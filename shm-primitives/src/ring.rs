@@ -5,8 +5,11 @@
 //! is validated before use (`shm.ring.validate`). Counters are monotonic u64 that wrap;
 //! the depth is `tail.wrapping_sub(head)`.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
 
 use crate::desc::{Descriptor, DESC_WORDS};
 use crate::violation::Violation;
@@ -23,9 +26,9 @@ pub struct RingHeader {
     /// Producer counter: descriptors published so far. Its low 32 bits are the futex
     /// word a consumer waiting for data sleeps on.
     pub tail: AtomicU64,
-    /// 1 while the consumer is parked waiting for data. Written by the consumer (only
-    /// when it parks), read by the producer after every publish: so it lives on the
-    /// producer's line.
+    /// Nonzero while the consumer is parked waiting for data: 1 on the futex, 2 on its
+    /// doorbell (`shm.doorbell.ring`). Written by the consumer (only when it parks),
+    /// read by the producer after every publish: so it lives on the producer's line.
     pub consumer_parked: AtomicU32,
     /// Reserved, zero.
     pub _producer_pad: AtomicU32,
@@ -34,8 +37,8 @@ pub struct RingHeader {
     /// Consumer counter: descriptors consumed so far. Its low 32 bits are the futex
     /// word a producer waiting for space sleeps on.
     pub head: AtomicU64,
-    /// 1 while the producer is parked waiting for ring space or a free slot; on the
-    /// consumer's line, which reads it after every receive.
+    /// Nonzero while the producer is parked waiting for ring space or a free slot (1:
+    /// futex, 2: doorbell); on the consumer's line, which reads it after every receive.
     pub producer_parked: AtomicU32,
     /// Reserved, zero.
     pub _consumer_pad: AtomicU32,
@@ -99,21 +102,38 @@ impl<'a> RingView<'a> {
     }
 
     /// Producer, after publishing: wakes the consumer only if it is parked (no
-    /// syscall otherwise).
+    /// syscall otherwise), on the futex or through `bell`, the consumer's doorbell.
     // shm[impl shm.wake.signal]
-    fn wake_consumer(&self) {
-        if self.header.consumer_parked.load(Ordering::SeqCst) != 0 {
-            crate::futex::wake_low_half(&self.header.tail);
+    // shm[impl shm.doorbell.ring]
+    #[inline]
+    fn wake_consumer(&self, bell: Option<BorrowedFd<'_>>) {
+        let parked = self.header.consumer_parked.load(Ordering::SeqCst);
+        if parked != 0 {
+            wake(parked, &self.header.tail, bell);
         }
     }
 
     /// Consumer, after consuming (and freeing any slot): wakes the producer only if
-    /// it is parked waiting for space or a slot.
+    /// it is parked waiting for space or a slot, on the futex or through `bell`.
     // shm[impl shm.wake.signal]
-    pub fn wake_producer(&self) {
-        if self.header.producer_parked.load(Ordering::SeqCst) != 0 {
-            crate::futex::wake_low_half(&self.header.head);
+    // shm[impl shm.doorbell.ring]
+    #[inline]
+    pub fn wake_producer(&self, bell: Option<BorrowedFd<'_>>) {
+        let parked = self.header.producer_parked.load(Ordering::SeqCst);
+        if parked != 0 {
+            wake(parked, &self.header.head, bell);
         }
+    }
+
+    /// Whether the consumer waits on its doorbell (a producer that had no doorbell to
+    /// ring at publish time must find one and ring it).
+    pub fn consumer_wants_doorbell(&self) -> bool {
+        self.header.consumer_parked.load(Ordering::SeqCst) == PARKED_DOORBELL
+    }
+
+    /// Whether the producer waits on its doorbell.
+    pub fn producer_wants_doorbell(&self) -> bool {
+        self.header.producer_parked.load(Ordering::SeqCst) == PARKED_DOORBELL
     }
 
     /// Wakes whoever is parked on either counter, unconditionally: for the host when
@@ -147,6 +167,17 @@ impl<'a> RingView<'a> {
         self.header.consumer_parked.store(0, Ordering::Relaxed);
         self.header.producer_parked.store(0, Ordering::Relaxed);
         self.header.tail.store(0, Ordering::Release);
+    }
+}
+
+/// The slow half of a wake, out of line: futex or doorbell, by the parked value.
+#[cold]
+#[inline(never)]
+fn wake(parked: u32, counter: &AtomicU64, bell: Option<BorrowedFd<'_>>) {
+    match (parked, bell) {
+        (PARKED_DOORBELL, Some(fd)) => crate::doorbell::ring(fd),
+        (PARKED_DOORBELL, None) => {}
+        _ => crate::futex::wake_low_half(counter),
     }
 }
 
@@ -206,7 +237,12 @@ impl Producer {
 
     /// Publishes `desc` (its `seq` is set to the position it lands at).
     // shm[impl shm.ring.produce]
-    pub fn push(&mut self, ring: &RingView<'_>, mut desc: Descriptor) -> Result<(), PushError> {
+    pub fn push(
+        &mut self,
+        ring: &RingView<'_>,
+        mut desc: Descriptor,
+        bell: Option<BorrowedFd<'_>>,
+    ) -> Result<(), PushError> {
         if !self.has_space(ring).map_err(PushError::Violation)? {
             return Err(PushError::Full);
         }
@@ -221,7 +257,7 @@ impl Producer {
         self.tail = self.tail.wrapping_add(1);
         ring.header.tail.store(self.tail, Ordering::SeqCst);
         // (P4) Wake the consumer if (and only if) it is parked.
-        ring.wake_consumer();
+        ring.wake_consumer(bell);
         Ok(())
     }
 }
@@ -295,9 +331,28 @@ pub struct CounterBell<'a> {
     parked: &'a AtomicU32,
 }
 
+impl CounterBell<'_> {
+    /// Marks the waiter parked on its doorbell (SeqCst, like [`Bell::arm`]: the
+    /// caller re-checks its condition after this, then waits on the doorbell).
+    ///
+    /// [`Bell::arm`]: crate::wait::Bell::arm
+    // shm[impl shm.doorbell.arm]
+    pub fn arm_doorbell(&self) {
+        self.parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+    }
+
+    /// Clears the parked mark, if set (no store otherwise: the flag shares the other
+    /// side's cache line).
+    pub fn disarm_doorbell(&self) {
+        if self.parked.load(Ordering::Relaxed) != 0 {
+            self.parked.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 impl crate::wait::Bell for CounterBell<'_> {
     fn arm(&self) -> u32 {
-        self.parked.store(1, Ordering::SeqCst);
+        self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
         self.counter.load(Ordering::SeqCst) as u32
     }
 

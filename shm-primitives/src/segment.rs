@@ -307,15 +307,16 @@ mod tests {
             for i in 0..3u64 {
                 let n = round * 3 + i;
                 let payload = vec![n as u8; (n as usize * 37) % 200];
-                tx.send(&ring, &pool, Meta::new(1, n), &payload).unwrap();
+                tx.send(&ring, &pool, Meta::new(1, n), &payload, None)
+                    .unwrap();
             }
             for i in 0..3u64 {
                 let n = round * 3 + i;
-                let meta = rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+                let meta = rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
                 assert_eq!(meta.user_id, n);
                 assert_eq!(buf, vec![n as u8; (n as usize * 37) % 200]);
             }
-            assert_eq!(rx.recv(&ring, &pool, &mut buf).unwrap(), None);
+            assert_eq!(rx.recv(&ring, &pool, &mut buf, None).unwrap(), None);
         }
         assert_eq!(pool.usage().in_use, 0);
     }
@@ -332,20 +333,21 @@ mod tests {
         let mut buf = Vec::new();
         let before = wakes();
         for n in 0..100u64 {
-            tx.send(&ring, &pool, Meta::new(1, n), &[1u8; 100]).unwrap();
-            rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+            tx.send(&ring, &pool, Meta::new(1, n), &[1u8; 100], None)
+                .unwrap();
+            rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
         }
         assert_eq!(wakes(), before, "busy peers: no system call at all");
         let off = seg.layout().ring_offset(0, Direction::ToGuest) as usize;
         let region = seg.backing().region();
         // The consumer is parked: one publish, one wake.
         region.atomic_u64(off + 8).unwrap().store(1, SeqCst);
-        tx.send(&ring, &pool, Meta::new(1, 0), b"x").unwrap();
+        tx.send(&ring, &pool, Meta::new(1, 0), b"x", None).unwrap();
         assert_eq!(wakes(), before + 1);
         region.atomic_u64(off + 8).unwrap().store(0, SeqCst);
         // The producer is parked: one receive, one wake.
         region.atomic_u64(off + 72).unwrap().store(1, SeqCst);
-        rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+        rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
         assert_eq!(wakes(), before + 2);
     }
 
@@ -362,16 +364,16 @@ mod tests {
         let pool = seg.pool(id(1), Direction::ToHost).unwrap();
         let mut tx = Outbox::new();
         let big = [9u8; 100];
-        tx.send(&ring, &pool, Meta::default(), &big).unwrap();
-        tx.send(&ring, &pool, Meta::default(), &big).unwrap();
+        tx.send(&ring, &pool, Meta::default(), &big, None).unwrap();
+        tx.send(&ring, &pool, Meta::default(), &big, None).unwrap();
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), &big),
+            tx.send(&ring, &pool, Meta::default(), &big, None),
             Err(crate::ChannelSendError::PoolExhausted)
         );
-        tx.send(&ring, &pool, Meta::default(), b"x").unwrap();
-        tx.send(&ring, &pool, Meta::default(), b"y").unwrap();
+        tx.send(&ring, &pool, Meta::default(), b"x", None).unwrap();
+        tx.send(&ring, &pool, Meta::default(), b"y", None).unwrap();
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), b"z"),
+            tx.send(&ring, &pool, Meta::default(), b"z", None),
             Err(crate::ChannelSendError::RingFull)
         );
         // A full ring never strands a slot: the pool still holds exactly 2 in use.
@@ -379,7 +381,7 @@ mod tests {
         let mut rx = Inbox::new();
         let mut buf = Vec::new();
         let mut got = 0;
-        while rx.recv(&ring, &pool, &mut buf).unwrap().is_some() {
+        while rx.recv(&ring, &pool, &mut buf, None).unwrap().is_some() {
             got += 1;
         }
         assert_eq!(got, 4, "everything accepted is delivered");
@@ -423,7 +425,7 @@ mod tests {
         };
         let mut p = Producer::new();
         header.tail.store(0, std::sync::atomic::Ordering::Release);
-        p.push(&ring, empty()).unwrap();
+        p.push(&ring, empty(), None).unwrap();
         header.tail.store(2, std::sync::atomic::Ordering::Release);
         assert!(c.peek(&ring).unwrap().is_some());
         c.advance(&ring);
@@ -438,10 +440,10 @@ mod tests {
         header.head.store(100, std::sync::atomic::Ordering::Release);
         let mut p = Producer::new();
         for _ in 0..8 {
-            let _ = p.push(&ring, empty());
+            let _ = p.push(&ring, empty(), None);
         }
         assert!(matches!(
-            p.push(&ring, empty()),
+            p.push(&ring, empty(), None),
             Err(PushError::Violation(Violation::RingIndex { .. }))
         ));
     }
@@ -505,15 +507,15 @@ mod tests {
         let mut buf = Vec::new();
         for len in [0, 1, 35, 36, 37, 127, 128] {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            tx.send(&ring, &pool, Meta::new(3, len as u64), &payload)
+            tx.send(&ring, &pool, Meta::new(3, len as u64), &payload, None)
                 .unwrap();
             let in_use = pool.usage().in_use;
             assert_eq!(in_use, u32::from(len > 36), "len {len}");
-            rx.recv(&ring, &pool, &mut buf).unwrap().unwrap();
+            rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
             assert_eq!(buf, payload);
         }
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), &[0; 129]),
+            tx.send(&ring, &pool, Meta::default(), &[0; 129], None),
             Err(crate::ChannelSendError::TooLarge { len: 129, max: 128 })
         );
     }

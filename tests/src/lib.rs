@@ -331,11 +331,7 @@ pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
 
 /// Builds a segment file at `path` by hand, as a creator would, and publishes it only
 /// if `publish`; returns the creator's view so a test can finish (or sabotage) it.
-pub fn plant_segment(
-    path: &Path,
-    config: shm_primitives::SegmentConfig,
-    publish: bool,
-) -> shm_primitives::Segment {
+pub fn plant_segment(path: &Path, config: shm_primitives::SegmentConfig, publish: bool) -> Planted {
     use std::os::unix::fs::OpenOptionsExt;
     let layout = config.layout().unwrap();
     let file = std::fs::OpenOptions::new()
@@ -350,9 +346,30 @@ pub fn plant_segment(
     file.set_len(layout.total_size).unwrap();
     let map = shm_primitives::MmapRegion::map(file, layout.total_size as usize).unwrap();
     let backing = shm_primitives::ShmBacking::Mmap(std::sync::Arc::new(map));
-    let seg = shm_primitives::Segment::init(backing, config, [7, 7], std::process::id()).unwrap();
+    let id = shm_primitives::random_u64x2();
+    // Listen for doorbells, as a creator does: path guests connect while attaching.
+    let listener = shm_primitives::doorbell::listen(id).unwrap();
+    let segment = shm_primitives::Segment::init(backing, config, id, std::process::id()).unwrap();
     if publish {
-        seg.publish();
+        segment.publish();
     }
-    seg
+    Planted {
+        segment,
+        _listener: listener,
+    }
+}
+
+/// A segment planted by [`plant_segment`], with the doorbell listener a host would
+/// hold (nobody accepts on it: connections just queue).
+pub struct Planted {
+    /// The segment.
+    pub segment: shm_primitives::Segment,
+    _listener: std::os::fd::OwnedFd,
+}
+
+impl std::ops::Deref for Planted {
+    type Target = shm_primitives::Segment;
+    fn deref(&self) -> &Self::Target {
+        &self.segment
+    }
 }

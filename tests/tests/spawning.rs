@@ -151,7 +151,7 @@ fn a_spawned_guest_attaches_with_its_ticket_and_inherits_only_its_doorbell() {
         // What this process was born with, before it opens anything itself.
         let born_with = open_fds();
         let mut guest = ShmGuest::from_env().unwrap();
-        let doorbell = guest.doorbell().map(|fd| fd.as_raw_fd());
+        let doorbell = Some(guest.doorbell().as_raw_fd());
         let cloexec = doorbell
             .and_then(fd_flags)
             .is_some_and(|f| f & libc::FD_CLOEXEC != 0);
@@ -282,13 +282,23 @@ fn ticket_args_render_and_parse() {
             .split('\u{1f}')
             .map(OsString::from)
             .collect();
+        let ticket_fd = ticket
+            .iter()
+            .skip_while(|a| a.to_str() != Some("--doorbell-fd"))
+            .nth(1)
+            .and_then(|fd| fd.to_str()?.parse::<i32>().ok())
+            .expect("the ticket names a doorbell fd");
         // The whole argument list, with unknown arguments around the ticket.
         let args = std::env::args_os()
             .chain(["--unrelated".into(), "x".into()])
             .chain(ticket)
             .chain(["--verbose".into()]);
         let mut guest = ShmGuest::from_ticket_args(args).unwrap();
-        assert!(guest.doorbell().is_some());
+        assert_eq!(
+            guest.doorbell().as_raw_fd(),
+            ticket_fd,
+            "the ticket's doorbell"
+        );
         tell(&format!(
             "attached {} {}",
             guest.peer_id().get(),
