@@ -14,12 +14,17 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod async_guest;
 mod ticket;
 mod watch;
 
+#[cfg(feature = "tokio")]
+pub use async_guest::AsyncGuest;
+
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -649,6 +654,12 @@ impl ShmGuest {
 impl AsFd for ShmGuest {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.watch.doorbell()
+    }
+}
+
+impl AsRawFd for ShmGuest {
+    fn as_raw_fd(&self) -> RawFd {
+        self.watch.doorbell().as_raw_fd()
     }
 }
 

@@ -14,14 +14,19 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod async_host;
 mod doorbells;
 mod file;
 mod liveness;
 mod peers;
 mod spawn;
 
+#[cfg(feature = "tokio")]
+pub use async_host::AsyncHost;
+
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -862,6 +867,12 @@ impl ShmHost {
 impl AsFd for ShmHost {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.doorbells.fd()
+    }
+}
+
+impl AsRawFd for ShmHost {
+    fn as_raw_fd(&self) -> RawFd {
+        self.doorbells.fd().as_raw_fd()
     }
 }
 

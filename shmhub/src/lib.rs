@@ -1,7 +1,11 @@
 #![doc = include_str!("../../README.md")]
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+pub use shm_guest::AsyncGuest;
 pub use shm_guest::{self as guest, AttachOptions, ShmGuest};
+#[cfg(feature = "tokio")]
+pub use shm_host::AsyncHost;
 pub use shm_host::{
     self as host, segment_path, Death, DeathCause, GuestOptions, PeerHandle, SegmentConfig,
     ShmHost, SpawnTicket, SpawnedGuest,
