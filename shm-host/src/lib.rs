@@ -456,6 +456,7 @@ impl ShmHost {
         }
         let deadline = Instant::now().checked_add(timeout);
         loop {
+            shm_primitives::crash::point(shm_primitives::crash::CrashPoint::HostParking);
             let slice = slice_until(deadline, self.liveness_interval);
             let bell = self.segment.header().host_bell();
             let got = shm_primitives::wait::wait_for(self.wait, slice, &bell, || {

@@ -4,7 +4,8 @@
 //! SIGKILLs itself when the real protocol reaches it. Without the feature every point
 //! compiles to nothing.
 
-/// Places in the guest protocol where a crash leaves distinct debris.
+/// Places in the protocol where a crash leaves distinct debris: three in the guest,
+/// one in the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// The entry was claimed (Attached) but attach has not returned yet.
@@ -13,14 +14,25 @@ pub enum CrashPoint {
     SlotLoaned,
     /// The descriptor words are written into the ring; the tail is not yet published.
     DescriptorWritten,
+    /// The host is inside a blocking receive, about to park, with whatever guests are
+    /// attached (and parked) at that moment.
+    HostParking,
 }
 
 impl CrashPoint {
-    /// Every point, in protocol order.
-    pub const ALL: [CrashPoint; 3] = [
+    /// The guest's points, in protocol order.
+    pub const GUEST: [CrashPoint; 3] = [
         CrashPoint::AfterClaim,
         CrashPoint::SlotLoaned,
         CrashPoint::DescriptorWritten,
+    ];
+
+    /// Every point.
+    pub const ALL: [CrashPoint; 4] = [
+        CrashPoint::AfterClaim,
+        CrashPoint::SlotLoaned,
+        CrashPoint::DescriptorWritten,
+        CrashPoint::HostParking,
     ];
 
     /// The name `SHMHUB_CRASH_AT` uses.
@@ -29,6 +41,7 @@ impl CrashPoint {
             CrashPoint::AfterClaim => "after-claim",
             CrashPoint::SlotLoaned => "slot-loaned",
             CrashPoint::DescriptorWritten => "descriptor-written",
+            CrashPoint::HostParking => "host-parking",
         }
     }
 }

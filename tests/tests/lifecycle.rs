@@ -380,7 +380,7 @@ fn every_crash_point_is_recovered_exactly() {
     let line = srv.serve_until_line(&mut bystander);
     let id = parse_kv(line.strip_prefix("attached").unwrap())[0];
     srv.bystander = PeerId::new(id as u8);
-    let points = CrashPoint::ALL
+    let points = CrashPoint::GUEST
         .map(Point::Injected)
         .into_iter()
         .chain([Point::Parked]);
@@ -459,7 +459,11 @@ fn host_main() {
         &[("VIA", "ticket".to_string())],
         LONG,
     );
+    cmd.env_remove(CRASH_ENV);
     host.spawn(&mut cmd).unwrap();
+    // Serve only once both guests are parked: the first blocking receive reaches
+    // the injected point and this process SIGKILLs itself there.
+    assert_eq!(hear(), "serve");
     let mut buf = Vec::new();
     loop {
         host.recv(&mut buf, Duration::from_millis(50)).unwrap();
@@ -470,6 +474,7 @@ fn host_main() {
 // shm[verify shm.live.host-lock]
 // shm[verify shm.live.attach-dead-host]
 // shm[verify shm.file.stale]
+// shm[verify shm.recover.crash-matrix]
 #[test]
 fn guests_of_a_killed_host_get_a_typed_error_promptly() {
     match role().as_deref() {
@@ -480,8 +485,11 @@ fn guests_of_a_killed_host_get_a_typed_error_promptly() {
     }
     let seg = ShmPath::new("hostdeath");
     let path = seg.path().display().to_string();
-    let envs = [("SEG", path.clone())];
-    let mut host = Proc::spawn(HOST_DEATH, "host", &envs, LONG);
+    let host_envs = [
+        ("SEG", path.clone()),
+        (CRASH_ENV, CrashPoint::HostParking.name().to_string()),
+    ];
+    let mut host = Proc::spawn(HOST_DEATH, "host", &host_envs, LONG);
     host.expect("ready");
     let by_path_envs = [("SEG", path.clone()), ("VIA", "path".to_string())];
     let mut by_path = Proc::spawn(HOST_DEATH, "parked-guest", &by_path_envs, LONG);
@@ -498,9 +506,12 @@ fn guests_of_a_killed_host_get_a_typed_error_promptly() {
             .then_some(())
     });
     drop(view);
+    // The host dies at its injected point (`CrashPoint::HostParking`) as soon as it
+    // serves: no signal from outside.
     let killed_at = mono_ns();
-    let status = host.kill();
-    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    host.say("serve");
+    let status = host.wait();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "died at its crash point");
     for (proc_, via) in [(&mut host, "ticket"), (&mut by_path, "path")] {
         let line = proc_.expect(&format!("hostdead {via}"));
         let (cause, at) = line.split_once(' ').unwrap();
