@@ -85,14 +85,14 @@ impl AsyncHost {
         }
     }
 
-    /// Waits until the doorbell set is readable or a liveness interval passes, then
-    /// runs the liveness check if it is due.
+    /// Waits until the doorbell set is readable or a liveness interval passes. The
+    /// next `try_recv` or arm runs the liveness check if it is due (and at once for
+    /// a hung-up doorbell or an exited child).
     async fn wait(&mut self) {
         let interval = self.host.get_ref().liveness_interval();
         if let Ok(Ok(mut ready)) = tokio::time::timeout(interval, self.host.readable()).await {
             // The next arm drains the set; a ring after that is a new edge.
             ready.clear_ready();
         }
-        self.host.get_mut().maintain();
     }
 }
