@@ -15,6 +15,9 @@ use crate::peers::HostPeer;
 
 /// Epoll token of the listening socket.
 const LISTENER: u64 = u64::MAX;
+/// Epoll token of accepted connections whose hello has not arrived (edge-triggered:
+/// a half hello reports once, not until it completes).
+const PENDING: u64 = u64::MAX - 1;
 /// Epoll tokens of pidfds: this plus the entry index (doorbells use the bare index).
 const PIDFD: u64 = 1 << 32;
 /// How long an accepted connection may take to send its hello.
@@ -65,19 +68,13 @@ impl Doorbells {
     }
 
     fn watch(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, libc::EPOLLIN as u32)
+    }
+
+    fn ctl(&self, op: i32, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: ev is a live epoll_event; epoll_ctl copies it.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                &mut ev,
-            )
-        };
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -135,7 +132,7 @@ impl Doorbells {
         unsafe { self.events.set_len(n as usize) };
         for ev in &self.events {
             let token = ev.u64;
-            if token == LISTENER {
+            if token == LISTENER || token == PENDING {
                 out.connecting = true;
                 continue;
             }
@@ -163,6 +160,10 @@ impl Doorbells {
     // shm[impl shm.doorbell.connect]
     pub(crate) fn accept(&mut self, segment: &Segment, peers: &mut [HostPeer]) {
         while let Ok(Some(fd)) = doorbell::accept(self.listener.as_fd()) {
+            // Watched while pending, so a hello that completes later (or a ring sent
+            // right after it) makes the host's fd readable.
+            let edge = (libc::EPOLLIN | libc::EPOLLET) as u32;
+            let _ = self.ctl(libc::EPOLL_CTL_ADD, fd.as_fd(), PENDING, edge);
             self.pending.push((fd, Instant::now()));
         }
         let now = Instant::now();
@@ -195,13 +196,21 @@ impl Doorbells {
         }
         // A link left from an earlier incarnation speaks for nobody now.
         hp.drop_link();
+        let index_token = peer.index() as u64;
         let link = GuestLink {
             generation: hello.generation,
             doorbell: fd,
             pidfd: None,
             child: None,
         };
-        self.watch_link(peer.index(), &link);
+        // From pending to the entry's own token, level-triggered like every doorbell.
+        let level = libc::EPOLLIN as u32;
+        let _ = self.ctl(
+            libc::EPOLL_CTL_MOD,
+            link.doorbell.as_fd(),
+            index_token,
+            level,
+        );
         hp.link = Some(link);
     }
 }

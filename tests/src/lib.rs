@@ -300,6 +300,19 @@ pub fn guest_parked(seg: &shm_primitives::Segment, index: usize) -> bool {
         != 0
 }
 
+/// The header of ring `dir` of entry `index`, as another process sees it: its
+/// `consumer_parked` and `producer_parked` flags say who waits and how
+/// (`shm_primitives::doorbell::{NOT_PARKED, PARKED_FUTEX, PARKED_DOORBELL}`).
+pub fn ring_header(
+    seg: &shm_primitives::Segment,
+    index: usize,
+    dir: shm_primitives::Direction,
+) -> &shm_primitives::ring::RingHeader {
+    let off = seg.layout().ring_offset(index, dir) as usize;
+    // SAFETY: RingHeader is `repr(C)` and made only of atomic integers.
+    unsafe { seg.backing().region().view(off) }.expect("ring header in bounds and aligned")
+}
+
 /// The deterministic payload of message `n` from peer `seed`, `len` bytes.
 pub fn pattern(seed: u64, n: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03);

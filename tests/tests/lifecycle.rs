@@ -511,7 +511,11 @@ fn guests_of_a_killed_host_get_a_typed_error_promptly() {
     let killed_at = mono_ns();
     host.say("serve");
     let status = host.wait();
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "died at its crash point");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "died at its crash point"
+    );
     for (proc_, via) in [(&mut host, "ticket"), (&mut by_path, "path")] {
         let line = proc_.expect(&format!("hostdead {via}"));
         let (cause, at) = line.split_once(' ').unwrap();
