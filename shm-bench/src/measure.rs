@@ -1,0 +1,203 @@
+//! Latency histograms, iteration counts and the watchdog that bounds every child.
+
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// How long any single wait may take before the bench gives up.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Percentiles of one measurement, in nanoseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Number of samples.
+    pub count: u64,
+}
+
+/// A nanosecond histogram from 1 ns to 60 s, 3 significant digits.
+pub struct Hist(Histogram<u64>);
+
+impl Hist {
+    /// An empty histogram.
+    pub fn new() -> Self {
+        Self(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"))
+    }
+
+    /// Records one duration (saturated into the histogram's range).
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.saturating_record(ns.max(1));
+    }
+
+    /// The percentiles.
+    pub fn stats(&self) -> Stats {
+        let h = &self.0;
+        Stats {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            count: h.len(),
+        }
+    }
+}
+
+/// Iteration counts for one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Reduced set.
+    pub quick: bool,
+}
+
+impl Plan {
+    /// Payload sizes for round trips.
+    pub fn sizes(&self) -> &'static [usize] {
+        if self.quick {
+            &[8, 4096, 1 << 20]
+        } else {
+            &[8, 64, 256, 1024, 4096, 64 * 1024, 1 << 20]
+        }
+    }
+
+    /// Sizes for block and adaptive round trips.
+    pub fn wait_sizes(&self) -> &'static [usize] {
+        &[8, 4096]
+    }
+
+    /// Sizes for the raw shared-buffer hand-off.
+    pub fn buf_sizes(&self) -> &'static [usize] {
+        if self.quick {
+            &[4096, 1 << 20]
+        } else {
+            &[4096, 64 * 1024, 1 << 20]
+        }
+    }
+
+    /// Measured iterations for a payload size.
+    pub fn iters(&self, size: usize) -> u64 {
+        let full = match size {
+            s if s <= 4096 => 50_000,
+            s if s <= 64 * 1024 => 10_000,
+            _ => 2_000,
+        };
+        if self.quick {
+            full / 10
+        } else {
+            full
+        }
+    }
+
+    /// Warm-up iterations before measuring.
+    pub fn warmup(&self, size: usize) -> u64 {
+        self.iters(size).min(1_000)
+    }
+
+    /// Messages for one-way throughput.
+    pub fn stream_msgs(&self, size: usize) -> u64 {
+        let n = if size <= 4096 { 1_000_000 } else { 5_000 };
+        if self.quick {
+            n / 10
+        } else {
+            n
+        }
+    }
+}
+
+/// Kills a process if it is still running when its budget runs out. Blocks on a
+/// channel (no periodic wake-ups); dropping the guard disarms it.
+pub struct Watchdog {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Arms a watchdog for `pid`.
+    pub fn arm(pid: u32, budget: Duration) -> Self {
+        let (tx, rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(budget) {
+                eprintln!("shm-bench: child {pid} over its {budget:?} budget, killing it");
+                let Ok(pid) = libc::pid_t::try_from(pid) else {
+                    return;
+                };
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        Self {
+            done: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A command that re-executes this binary as a child with `role`.
+pub fn child_command(role: &str, cpu: Option<usize>) -> Command {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.env(crate::child::ROLE_ENV, role);
+    if let Some(cpu) = cpu {
+        cmd.env(crate::child::CPU_ENV, cpu.to_string());
+    }
+    cmd
+}
+
+/// A deadline check for spin loops: reads the clock every 4096 calls.
+pub struct SpinDeadline {
+    deadline: Instant,
+    n: u32,
+}
+
+impl SpinDeadline {
+    /// A deadline `timeout` from now.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + timeout,
+            n: 0,
+        }
+    }
+
+    /// True once the deadline has passed (checked every 4096 calls).
+    #[inline]
+    pub fn expired(&mut self) -> bool {
+        self.n = self.n.wrapping_add(1);
+        self.n % 4096 == 0 && Instant::now() >= self.deadline
+    }
+}
+
+/// Fills `buf` with a value that changes each iteration.
+#[inline]
+pub fn fill(buf: &mut [u8], n: u64) {
+    buf.fill(n as u8);
+}
+
+/// Reads every byte of `buf` (a sum the optimizer cannot drop).
+#[inline]
+pub fn touch(buf: &[u8]) -> u64 {
+    let s = buf.chunks(8).fold(0u64, |acc, c| {
+        acc.wrapping_add(c.iter().map(|&b| u64::from(b)).sum())
+    });
+    std::hint::black_box(s)
+}
