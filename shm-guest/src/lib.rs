@@ -429,8 +429,7 @@ impl ShmGuest {
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell_recv(&mut self) -> Result<(), DetachedError> {
         self.watch.drain_doorbell(&self.segment)?;
-        let ring = self.segment.ring(self.id, Direction::ToGuest);
-        ring.expect("validated id").data_bell().arm_doorbell();
+        self.bell(Direction::ToGuest).arm_doorbell();
         self.armed_recv = true;
         Ok(())
     }
@@ -440,8 +439,7 @@ impl ShmGuest {
     /// before waiting; a successful send disarms.
     pub fn arm_doorbell_send(&mut self) -> Result<(), DetachedError> {
         self.watch.drain_doorbell(&self.segment)?;
-        let ring = self.segment.ring(self.id, Direction::ToHost);
-        ring.expect("validated id").space_bell().arm_doorbell();
+        self.bell(Direction::ToHost).arm_doorbell();
         self.armed_send = true;
         Ok(())
     }
@@ -511,15 +509,23 @@ impl ShmGuest {
     #[cold]
     fn disarm_send(&mut self) {
         self.armed_send = false;
-        let ring = self.segment.ring(self.id, Direction::ToHost);
-        ring.expect("validated id").space_bell().disarm_doorbell();
+        self.bell(Direction::ToHost).disarm_doorbell();
     }
 
     #[cold]
     fn disarm_recv(&mut self) {
         self.armed_recv = false;
-        let ring = self.segment.ring(self.id, Direction::ToGuest);
-        ring.expect("validated id").data_bell().disarm_doorbell();
+        self.bell(Direction::ToGuest).disarm_doorbell();
+    }
+
+    /// What this guest waits on in direction `dir`: data in the ring towards it, or
+    /// room in the ring towards the host.
+    fn bell(&self, dir: Direction) -> shm_primitives::ring::CounterBell<'_> {
+        let ring = self.segment.ring(self.id, dir).expect("validated id");
+        match dir {
+            Direction::ToGuest => ring.data_bell(),
+            Direction::ToHost => ring.space_bell(),
+        }
     }
 
     /// Receives one message from the host into `buf` (replacing its contents), or
