@@ -1,0 +1,1 @@
+//! Payloads larger than the largest slot class (placeholder, being written).
