@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use shmhub::host::WaitPolicy;
-use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost};
+use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost, SlotClasses};
 
 use crate::measure::{child_command, fill, touch, Hist, Plan, SpinDeadline, Watchdog, OP_TIMEOUT};
 use crate::report::{Row, Throughput};
@@ -38,8 +38,9 @@ pub fn run(
     let config = SegmentConfig {
         max_guests: 1,
         ring_capacity: 64,
-        slot_size: SLOT_SIZE,
-        slots_per_pool: 4,
+        classes: SlotClasses::single(SLOT_SIZE, 4),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     // The host removes the segment file when dropped, on every path out of here.
     let mut host = ShmHost::create(&path, config)?;

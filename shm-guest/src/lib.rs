@@ -35,9 +35,10 @@ use shm_primitives::crash::{self, CrashPoint};
 use shm_primitives::doorbell::{self, Hello};
 use shm_primitives::header::HEADER_SIZE;
 use shm_primitives::lock;
+use shm_primitives::slot::owner_word;
 use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment};
 pub use shm_primitives::{
-    Direction, HeaderError, Meta, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
+    Direction, HeaderError, Meta, MsgKind, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
     INLINE_CAPACITY,
 };
 pub use ticket::TicketError;
@@ -368,8 +369,8 @@ impl ShmGuest {
             segment,
             id,
             generation,
-            outbox: Outbox::new(),
-            inbox: Inbox::new(),
+            outbox: Outbox::new(owner_word(id.get(), generation)),
+            inbox: Inbox::new(owner_word(id.get(), generation)),
             report,
             attached: true,
             wait: WaitPolicy::default(),
@@ -483,7 +484,7 @@ impl ShmGuest {
 
     /// The largest payload one message can carry.
     pub fn max_payload(&self) -> usize {
-        self.segment.layout().config.slot_size as usize
+        self.segment.layout().config.max_slot_payload()
     }
 
     /// Sends one message to the host: inline when it fits in the descriptor, otherwise
@@ -712,10 +713,12 @@ fn send_once(
 ) -> Result<(), SendError> {
     check_attached(segment, me, watch)?;
     let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
-    let pool = segment.pool(me.0, Direction::ToHost).expect("validated id");
+    let pools = segment
+        .pools(me.0, Direction::ToHost)
+        .expect("validated id");
     let bell = Some(watch.doorbell());
     outbox
-        .send(&ring, &pool, meta, payload, bell)
+        .send(&ring, &pools, meta, payload, bell)
         .map_err(|e| match e {
             ChannelSendError::RingFull => SendError::WouldBlockRing,
             ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
@@ -739,11 +742,11 @@ fn recv_once(
     let ring = segment
         .ring(me.0, Direction::ToGuest)
         .expect("validated id");
-    let pool = segment
-        .pool(me.0, Direction::ToGuest)
+    let pools = segment
+        .pools(me.0, Direction::ToGuest)
         .expect("validated id");
     inbox
-        .recv(&ring, &pool, buf, Some(watch.doorbell()))
+        .recv(&ring, &pools, buf, Some(watch.doorbell()))
         .map_err(RecvError::Violation)
 }
 

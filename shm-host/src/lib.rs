@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment};
 pub use shm_primitives::{
-    Direction, HeapRegion, LayoutError, Meta, PeerId, PeerState, SegmentConfig, ShmBacking,
-    Violation, WaitPolicy, INLINE_CAPACITY,
+    Direction, HeapRegion, LayoutError, Meta, MsgKind, PeerId, PeerState, SegmentConfig,
+    ShmBacking, SlotClass, SlotClasses, Violation, WaitPolicy, INLINE_CAPACITY,
 };
 
 use doorbells::Doorbells;
@@ -335,7 +335,7 @@ impl ShmHost {
 
     /// The largest payload one message can carry.
     pub fn max_payload(&self) -> usize {
-        self.config().slot_size as usize
+        self.config().max_slot_payload()
     }
 
     fn id_checked(&self, peer: PeerId) -> Option<usize> {
@@ -937,9 +937,9 @@ fn send_once(
         });
     }
     let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
-    let pool = segment.pool(peer, Direction::ToGuest).expect("in range");
+    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
     let bell = peers::doorbell(&hp.link, word.generation);
-    match hp.outbox.send(&ring, &pool, meta, payload, bell) {
+    match hp.outbox.send(&ring, &pools, meta, payload, bell) {
         Ok(()) => {
             hp.stats.sent += 1;
             Ok(())
@@ -978,9 +978,9 @@ fn recv_once(
             continue;
         }
         let ring = segment.ring(peer, Direction::ToHost).expect("in range");
-        let pool = segment.pool(peer, Direction::ToHost).expect("in range");
+        let pools = segment.pools(peer, Direction::ToHost).expect("in range");
         let bell = peers::doorbell(&hp.link, word.generation);
-        match hp.inbox.recv(&ring, &pool, buf, bell) {
+        match hp.inbox.recv(&ring, &pools, buf, bell) {
             Ok(Some(meta)) => {
                 hp.stats.received += 1;
                 *next_recv = (index + 1) % n;

@@ -4,7 +4,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
 use shm_primitives::peer::PeerEntry;
-use shm_primitives::slot::PoolUsage;
+use shm_primitives::slot::{PoolUsage, OWNER_HOST};
 use shm_primitives::{Direction, Inbox, Outbox, PeerId, PeerState, PeerWord, Segment, Violation};
 
 use std::process::Child;
@@ -61,7 +61,7 @@ pub struct PeerInfo {
 
 /// Host-private state of one entry. Our own ring counters live here, never read back
 /// from shared memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct HostPeer {
     /// Generation of the guest our outbox/inbox belong to.
     epoch: Option<u32>,
@@ -76,6 +76,21 @@ pub(crate) struct HostPeer {
     /// Spawned children whose entries were recycled but that have not exited yet;
     /// reaped once they do (their descriptors are closed already).
     departed: Vec<Child>,
+}
+
+impl Default for HostPeer {
+    fn default() -> Self {
+        Self {
+            epoch: None,
+            outbox: Outbox::new(OWNER_HOST),
+            inbox: Inbox::new(OWNER_HOST),
+            fenced: None,
+            fenced_generation: 0,
+            stats: PeerStats::default(),
+            link: None,
+            departed: Vec::new(),
+        }
+    }
 }
 
 impl HostPeer {
@@ -97,8 +112,8 @@ impl HostPeer {
             && self.epoch != Some(word.generation)
         {
             self.epoch = Some(word.generation);
-            self.outbox = Outbox::new();
-            self.inbox = Inbox::new();
+            self.outbox = Outbox::new(OWNER_HOST);
+            self.inbox = Inbox::new(OWNER_HOST);
         }
         Ok(word)
     }
@@ -184,12 +199,15 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     to_guest.reset();
     to_host.reset();
     for dir in [Direction::ToGuest, Direction::ToHost] {
-        let pool = segment.pool(peer, dir).expect("in range");
-        hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(None));
+        let pools = segment.pools(peer, dir).expect("in range");
+        for class in 0..pools.classes() {
+            let pool = pools.class(class).expect("in range");
+            hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(|_| false));
+        }
     }
     hp.epoch = None;
-    hp.outbox = Outbox::new();
-    hp.inbox = Inbox::new();
+    hp.outbox = Outbox::new(OWNER_HOST);
+    hp.inbox = Inbox::new(OWNER_HOST);
     hp.fenced = None;
     hp.drop_link();
     let entry = segment.peer(peer).expect("in range");
@@ -293,8 +311,8 @@ pub(crate) fn recover(
 pub(crate) fn usage(segment: &Segment, peer: PeerId) -> Option<PeerUsage> {
     let depth = |dir| segment.ring(peer, dir).map(|r| r.raw_depth());
     Some(PeerUsage {
-        to_guest_slots: segment.pool(peer, Direction::ToGuest)?.usage(),
-        to_host_slots: segment.pool(peer, Direction::ToHost)?.usage(),
+        to_guest_slots: segment.pools(peer, Direction::ToGuest)?.usage(),
+        to_host_slots: segment.pools(peer, Direction::ToHost)?.usage(),
         to_guest_depth: depth(Direction::ToGuest)?,
         to_host_depth: depth(Direction::ToHost)?,
     })

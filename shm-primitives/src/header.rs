@@ -5,14 +5,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
-use crate::layout::{SegmentConfig, SegmentLayout};
+use crate::layout::{
+    LayoutError, SegmentConfig, SegmentLayout, SlotClass, SlotClasses, MAX_CLASSES,
+};
 
 /// Size of the header in bytes.
 pub const HEADER_SIZE: usize = 256;
 /// `b"SHMHUB\0\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
-/// Current layout and protocol version (4: parked flags say futex or doorbell).
-pub const VERSION: u32 = 4;
+/// Current layout and protocol version (5: slot classes, broadcast pool, large
+/// payloads and message kinds).
+pub const VERSION: u32 = 5;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).
@@ -50,10 +53,10 @@ pub struct SegmentHeader {
     pub max_guests: AtomicU32,
     /// Descriptors per ring.
     pub ring_capacity: AtomicU32,
-    /// Bytes per slot.
-    pub slot_size: AtomicU32,
-    /// Slots per pool.
-    pub slots_per_pool: AtomicU32,
+    /// Number of slot classes (entries used in `classes`).
+    pub class_count: AtomicU32,
+    /// Slots in the broadcast pool.
+    pub broadcast_slots: AtomicU32,
     /// Offset of the peer table.
     pub peer_table_offset: AtomicU64,
     /// Length of the peer table.
@@ -70,8 +73,8 @@ pub struct SegmentHeader {
     pub ready: AtomicU32,
     /// Number of attachers that went to sleep waiting for `ready`.
     pub ready_waiters: AtomicU32,
-    /// Reserved, zero.
-    pub _reserved0: AtomicU32,
+    /// Bytes per broadcast slot.
+    pub broadcast_slot_size: AtomicU32,
     /// Host-wide bell: guests bump it (and futex-wake) after publishing while the host
     /// is parked, so the host sleeps on all guests at once.
     pub host_bell: AtomicU32,
@@ -86,8 +89,9 @@ pub struct SegmentHeader {
     pub heartbeat_interval_ms: AtomicU32,
     /// Bumped by the host at least once per heartbeat interval.
     pub heartbeat: AtomicU64,
-    /// Reserved, zero.
-    pub _reserved: [AtomicU64; 6],
+    /// Slot classes: `[slot_size, count]` for each of the first `class_count`
+    /// entries, zero after them.
+    pub classes: [[AtomicU32; 2]; MAX_CLASSES],
 }
 
 const _: () = {
@@ -102,8 +106,8 @@ const _: () = {
     assert!(offset_of!(SegmentHeader, segment_id) == 40);
     assert!(offset_of!(SegmentHeader, max_guests) == 56);
     assert!(offset_of!(SegmentHeader, ring_capacity) == 60);
-    assert!(offset_of!(SegmentHeader, slot_size) == 64);
-    assert!(offset_of!(SegmentHeader, slots_per_pool) == 68);
+    assert!(offset_of!(SegmentHeader, class_count) == 64);
+    assert!(offset_of!(SegmentHeader, broadcast_slots) == 68);
     assert!(offset_of!(SegmentHeader, peer_table_offset) == 72);
     assert!(offset_of!(SegmentHeader, peer_table_len) == 80);
     assert!(offset_of!(SegmentHeader, guest_areas_offset) == 88);
@@ -112,13 +116,14 @@ const _: () = {
     assert!(offset_of!(SegmentHeader, host_pid) == 112);
     assert!(offset_of!(SegmentHeader, ready) == 116);
     assert!(offset_of!(SegmentHeader, ready_waiters) == 120);
+    assert!(offset_of!(SegmentHeader, broadcast_slot_size) == 124);
     assert!(offset_of!(SegmentHeader, host_bell) == 128);
     assert!(offset_of!(SegmentHeader, host_parked) == 132);
     assert!(offset_of!(SegmentHeader, _reserved1) == 136);
     assert!(offset_of!(SegmentHeader, host_state) == 192);
     assert!(offset_of!(SegmentHeader, heartbeat_interval_ms) == 196);
     assert!(offset_of!(SegmentHeader, heartbeat) == 200);
-    assert!(offset_of!(SegmentHeader, _reserved) == 208);
+    assert!(offset_of!(SegmentHeader, classes) == 208);
 };
 
 /// Why a segment header was refused.
@@ -208,8 +213,13 @@ impl SegmentHeader {
         self.segment_id[1].store(segment_id[1], r);
         self.max_guests.store(c.max_guests, r);
         self.ring_capacity.store(c.ring_capacity, r);
-        self.slot_size.store(c.slot_size, r);
-        self.slots_per_pool.store(c.slots_per_pool, r);
+        self.class_count.store(c.classes.len() as u32, r);
+        self.broadcast_slots.store(c.broadcast_slots, r);
+        self.broadcast_slot_size.store(c.broadcast_slot_size, r);
+        for (entry, class) in self.classes.iter().zip(c.classes.as_slice()) {
+            entry[0].store(class.size, r);
+            entry[1].store(class.count, r);
+        }
         self.peer_table_offset.store(layout.peer_table_offset, r);
         self.peer_table_len.store(layout.peer_table_len, r);
         self.guest_areas_offset.store(layout.guest_areas_offset, r);
@@ -390,11 +400,20 @@ impl SegmentHeader {
                 });
             }
         }
+        let class_count = self.class_count.load(a);
+        if class_count == 0 || class_count as usize > MAX_CLASSES {
+            return Err(LayoutError::ClassCount(class_count).into());
+        }
+        let classes: Vec<SlotClass> = self.classes[..class_count as usize]
+            .iter()
+            .map(|e| SlotClass::new(e[0].load(a), e[1].load(a)))
+            .collect();
         let config = SegmentConfig {
             max_guests: self.max_guests.load(a),
             ring_capacity: self.ring_capacity.load(a),
-            slot_size: self.slot_size.load(a),
-            slots_per_pool: self.slots_per_pool.load(a),
+            classes: SlotClasses::new(&classes),
+            broadcast_slots: self.broadcast_slots.load(a),
+            broadcast_slot_size: self.broadcast_slot_size.load(a),
         };
         let layout = config.layout()?;
         let checks = [

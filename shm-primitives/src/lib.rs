@@ -24,13 +24,13 @@ pub mod ticket;
 pub mod violation;
 pub mod wait;
 
-pub use channel::{ChannelSendError, Inbox, Outbox};
-pub use desc::{Meta, INLINE_CAPACITY};
+pub use channel::{ChannelSendError, Inbox, Incoming, Outbox, Payload, SlotLoan};
+pub use desc::{Meta, MsgKind, INLINE_CAPACITY};
 pub use header::HeaderError;
-pub use layout::{Direction, LayoutError, SegmentConfig, SegmentLayout};
+pub use layout::{Direction, LayoutError, SegmentConfig, SegmentLayout, SlotClass, SlotClasses};
 pub use peer::{PeerId, PeerState, PeerWord};
 pub use region::{HeapRegion, MmapRegion, Region, ShmBacking};
-pub use segment::{InitError, Segment};
+pub use segment::{InitError, Pools, Segment};
 pub use violation::Violation;
 pub use wait::{Bell, WaitPolicy};
 

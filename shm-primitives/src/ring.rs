@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
 
-use crate::desc::{Descriptor, DESC_WORDS};
+use crate::desc::{DecodeError, Descriptor, DESC_WORDS};
 use crate::violation::Violation;
 
 /// Size of a ring header: the producer's line then the consumer's line.
@@ -295,7 +295,10 @@ impl Consumer {
         for (w, cell) in words.iter_mut().zip(ring.slot(self.head)) {
             *w = cell.load(Ordering::Relaxed);
         }
-        let desc = Descriptor::decode(&words).map_err(|k| Violation::DescKind { kind: k.0 })?;
+        let desc = Descriptor::decode(&words).map_err(|e| match e {
+            DecodeError::Kind(kind) => Violation::DescKind { kind },
+            DecodeError::MsgKind(flags) => Violation::DescFlags { flags },
+        })?;
         if desc.seq != self.head {
             return Err(Violation::DescSequence {
                 expected: self.head,

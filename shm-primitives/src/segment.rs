@@ -1,13 +1,15 @@
 //! A segment: a backing plus the validated layout that says where everything is.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::header::{HeaderError, SegmentHeader};
-use crate::layout::{Direction, LayoutError, SegmentConfig, SegmentLayout};
+use crate::layout::{
+    Direction, LayoutError, SegmentConfig, SegmentLayout, SlotClasses, POOL_HEADER_SIZE,
+};
 use crate::peer::{PeerEntry, PeerId};
 use crate::region::{Region, ShmBacking};
 use crate::ring::{RingHeader, RingView, RING_HEADER_SIZE};
-use crate::slot::PoolView;
+use crate::slot::{PoolHeader, PoolUsage, PoolView};
 
 /// A segment: memory plus the layout every view is computed from.
 ///
@@ -122,32 +124,96 @@ impl Segment {
         // SAFETY: RingHeader consists only of atomic integers; bounds are checked.
         let header = unsafe { region.view::<RingHeader>(off) }?;
         let cap = self.layout.config.ring_capacity;
-        let descs = atomic_slice(region, off + RING_HEADER_SIZE, cap as usize * 8)?;
+        let descs = atomic_slice::<AtomicU64>(region, off + RING_HEADER_SIZE, cap as usize * 8)?;
         Some(RingView::new(header, descs, cap))
     }
 
-    /// The pool whose slots travel in `dir`, of guest `id`.
-    pub fn pool(&self, id: PeerId, dir: Direction) -> Option<PoolView<'_>> {
-        if !self.contains(id) {
-            return None;
-        }
-        let region = self.backing.region();
-        let c = &self.layout.config;
-        let off = self.layout.pool_offset(id.index(), dir) as usize;
-        let metas = atomic_slice(region, off, c.slots_per_pool as usize)?;
-        let data = off + self.layout.pool_meta_len as usize;
-        Some(PoolView::new(metas, region, data, c.slot_size))
+    /// The pools (one per slot class) whose slots travel in `dir`, of guest `id`.
+    pub fn pools(&self, id: PeerId, dir: Direction) -> Option<Pools<'_>> {
+        self.contains(id).then_some(Pools {
+            segment: self,
+            index: id.index(),
+            dir,
+        })
+    }
+
+    /// The pool of class `class` whose slots travel in `dir`, of guest `id`.
+    pub fn pool(&self, id: PeerId, dir: Direction, class: usize) -> Option<PoolView<'_>> {
+        self.pools(id, dir)?.class(class)
     }
 }
 
-fn atomic_slice(region: Region<'_>, offset: usize, n: usize) -> Option<&[AtomicU64]> {
-    let ptr = region.span(offset, n.checked_mul(8)?)?;
-    if ptr.as_ptr() as usize % 8 != 0 {
+/// The pools of one direction of one guest area, one per slot class.
+#[derive(Debug, Clone, Copy)]
+pub struct Pools<'a> {
+    segment: &'a Segment,
+    index: usize,
+    dir: Direction,
+}
+
+impl<'a> Pools<'a> {
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.segment.layout.config.classes.len()
+    }
+
+    /// The slot classes.
+    pub fn slot_classes(&self) -> &'a SlotClasses {
+        &self.segment.layout.config.classes
+    }
+
+    /// The pool of class `class`, `None` past the last class.
+    #[inline]
+    pub fn class(&self, class: usize) -> Option<PoolView<'a>> {
+        let layout = &self.segment.layout;
+        let geometry = *layout.pool_geometries().get(class)?;
+        let region = self.segment.backing.region();
+        let off = layout.pool_offset(self.index, self.dir, class) as usize;
+        let n = geometry.count as usize;
+        // SAFETY: PoolHeader consists only of atomic integers; bounds are checked.
+        let header = unsafe { region.view::<PoolHeader>(off) }?;
+        let words_at = off + POOL_HEADER_SIZE as usize;
+        let words = atomic_slice::<AtomicU64>(region, words_at, n)?;
+        let links = atomic_slice::<AtomicU32>(region, words_at + 8 * n, n)?;
+        let owners = atomic_slice::<AtomicU32>(region, words_at + 12 * n, n)?;
+        let data = off + geometry.meta_len as usize;
+        Some(PoolView::new(
+            header,
+            words,
+            links,
+            owners,
+            region,
+            data,
+            geometry.slot_size,
+        ))
+    }
+
+    /// Slot counts over every class.
+    pub fn usage(&self) -> PoolUsage {
+        let mut total = PoolUsage::default();
+        for class in 0..self.classes() {
+            if let Some(pool) = self.class(class) {
+                total += pool.usage();
+            }
+        }
+        total
+    }
+}
+
+/// Marker for the atomic integer types a shared slice may hold.
+trait SharedAtomic {}
+impl SharedAtomic for AtomicU64 {}
+impl SharedAtomic for AtomicU32 {}
+
+fn atomic_slice<T: SharedAtomic>(region: Region<'_>, offset: usize, n: usize) -> Option<&[T]> {
+    let size = std::mem::size_of::<T>();
+    let ptr = region.span(offset, n.checked_mul(size)?)?;
+    if ptr.as_ptr() as usize % std::mem::align_of::<T>() != 0 {
         return None;
     }
-    // SAFETY: in bounds and 8-aligned (checked); AtomicU64 accepts any bit pattern and
-    // all access through it is atomic.
-    Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), n) })
+    // SAFETY: in bounds and aligned for T (checked); T is an atomic integer, which
+    // accepts any bit pattern and is only ever accessed atomically.
+    Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<T>(), n) })
 }
 
 #[cfg(test)]
@@ -173,6 +239,10 @@ mod tests {
         seg
     }
 
+    fn owner(peer: u8, generation: u32) -> u32 {
+        crate::slot::owner_word(peer, generation)
+    }
+
     fn id(n: u8) -> PeerId {
         PeerId::new(n).unwrap()
     }
@@ -195,8 +265,8 @@ mod tests {
             (offset_of!(H, segment_id), 40),
             (offset_of!(H, max_guests), 56),
             (offset_of!(H, ring_capacity), 60),
-            (offset_of!(H, slot_size), 64),
-            (offset_of!(H, slots_per_pool), 68),
+            (offset_of!(H, class_count), 64),
+            (offset_of!(H, broadcast_slots), 68),
             (offset_of!(H, peer_table_offset), 72),
             (offset_of!(H, peer_table_len), 80),
             (offset_of!(H, guest_areas_offset), 88),
@@ -205,13 +275,14 @@ mod tests {
             (offset_of!(H, host_pid), 112),
             (offset_of!(H, ready), 116),
             (offset_of!(H, ready_waiters), 120),
+            (offset_of!(H, broadcast_slot_size), 124),
             (offset_of!(H, host_bell), 128),
             (offset_of!(H, host_parked), 132),
             (offset_of!(H, _reserved1), 136),
             (offset_of!(H, host_state), 192),
             (offset_of!(H, heartbeat_interval_ms), 196),
             (offset_of!(H, heartbeat), 200),
-            (offset_of!(H, _reserved), 208),
+            (offset_of!(H, classes), 208),
             (size_of::<H>(), 256),
         ];
         for (i, (got, want)) in header.iter().enumerate() {
@@ -228,7 +299,9 @@ mod tests {
         assert_eq!(offset_of!(R, head), 64);
         assert_eq!(offset_of!(R, producer_parked), 72);
         assert_eq!(size_of::<R>(), 128);
-        assert_eq!(crate::slot::SLOT_META_SIZE, 8);
+        assert_eq!(crate::slot::SLOT_META_SIZE, 16);
+        assert_eq!(offset_of!(crate::slot::PoolHeader, free_head), 0);
+        assert_eq!(size_of::<crate::slot::PoolHeader>(), 64);
         assert_eq!(
             [
                 SlotState::Free,
@@ -300,25 +373,25 @@ mod tests {
             ..SegmentConfig::default()
         });
         let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
-        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
-        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let pools = seg.pools(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(0), Inbox::new(0));
         let mut buf = Vec::new();
         for round in 0..50u64 {
             for i in 0..3u64 {
                 let n = round * 3 + i;
                 let payload = vec![n as u8; (n as usize * 37) % 200];
-                tx.send(&ring, &pool, Meta::new(1, n), &payload, None)
+                tx.send(&ring, &pools, Meta::new(1, n), &payload, None)
                     .unwrap();
             }
             for i in 0..3u64 {
                 let n = round * 3 + i;
-                let meta = rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
+                let meta = rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
                 assert_eq!(meta.user_id, n);
                 assert_eq!(buf, vec![n as u8; (n as usize * 37) % 200]);
             }
-            assert_eq!(rx.recv(&ring, &pool, &mut buf, None).unwrap(), None);
+            assert_eq!(rx.recv(&ring, &pools, &mut buf, None).unwrap(), None);
         }
-        assert_eq!(pool.usage().in_use, 0);
+        assert_eq!(pools.usage().in_use, 0);
     }
 
     // shm[verify shm.wake.signal]
@@ -328,26 +401,26 @@ mod tests {
         let wakes = || crate::futex::WAKE_CALLS.with(|c| c.get());
         let seg = heap_segment(SegmentConfig::default());
         let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
-        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
-        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let pools = seg.pools(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(0), Inbox::new(0));
         let mut buf = Vec::new();
         let before = wakes();
         for n in 0..100u64 {
-            tx.send(&ring, &pool, Meta::new(1, n), &[1u8; 100], None)
+            tx.send(&ring, &pools, Meta::new(1, n), &[1u8; 100], None)
                 .unwrap();
-            rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
+            rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
         }
         assert_eq!(wakes(), before, "busy peers: no system call at all");
         let off = seg.layout().ring_offset(0, Direction::ToGuest) as usize;
         let region = seg.backing().region();
         // The consumer is parked: one publish, one wake.
         region.atomic_u64(off + 8).unwrap().store(1, SeqCst);
-        tx.send(&ring, &pool, Meta::new(1, 0), b"x", None).unwrap();
+        tx.send(&ring, &pools, Meta::new(1, 0), b"x", None).unwrap();
         assert_eq!(wakes(), before + 1);
         region.atomic_u64(off + 8).unwrap().store(0, SeqCst);
         // The producer is parked: one receive, one wake.
         region.atomic_u64(off + 72).unwrap().store(1, SeqCst);
-        rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
+        rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
         assert_eq!(wakes(), before + 2);
     }
 
@@ -357,35 +430,34 @@ mod tests {
     fn full_ring_and_empty_pool_are_errors_not_drops() {
         let seg = heap_segment(SegmentConfig {
             ring_capacity: 4,
-            slots_per_pool: 2,
-            ..SegmentConfig::default()
+            ..SegmentConfig::default().with_slots(4096, 2)
         });
         let ring = seg.ring(id(1), Direction::ToHost).unwrap();
-        let pool = seg.pool(id(1), Direction::ToHost).unwrap();
-        let mut tx = Outbox::new();
+        let pools = seg.pools(id(1), Direction::ToHost).unwrap();
+        let mut tx = Outbox::new(0);
         let big = [9u8; 100];
-        tx.send(&ring, &pool, Meta::default(), &big, None).unwrap();
-        tx.send(&ring, &pool, Meta::default(), &big, None).unwrap();
+        tx.send(&ring, &pools, Meta::default(), &big, None).unwrap();
+        tx.send(&ring, &pools, Meta::default(), &big, None).unwrap();
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), &big, None),
+            tx.send(&ring, &pools, Meta::default(), &big, None),
             Err(crate::ChannelSendError::PoolExhausted)
         );
-        tx.send(&ring, &pool, Meta::default(), b"x", None).unwrap();
-        tx.send(&ring, &pool, Meta::default(), b"y", None).unwrap();
+        tx.send(&ring, &pools, Meta::default(), b"x", None).unwrap();
+        tx.send(&ring, &pools, Meta::default(), b"y", None).unwrap();
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), b"z", None),
+            tx.send(&ring, &pools, Meta::default(), b"z", None),
             Err(crate::ChannelSendError::RingFull)
         );
         // A full ring never strands a slot: the pool still holds exactly 2 in use.
-        assert_eq!(pool.usage().in_use, 2);
-        let mut rx = Inbox::new();
+        assert_eq!(pools.usage().in_use, 2);
+        let mut rx = Inbox::new(0);
         let mut buf = Vec::new();
         let mut got = 0;
-        while rx.recv(&ring, &pool, &mut buf, None).unwrap().is_some() {
+        while rx.recv(&ring, &pools, &mut buf, None).unwrap().is_some() {
             got += 1;
         }
         assert_eq!(got, 4, "everything accepted is delivered");
-        assert_eq!(pool.usage().in_use, 0);
+        assert_eq!(pools.usage().in_use, 0);
     }
 
     // shm[verify shm.ring.validate]
@@ -454,68 +526,130 @@ mod tests {
     // shm[verify shm.slot.free]
     #[test]
     fn slot_protocol_is_a_cas_on_state_and_generation() {
-        let seg = heap_segment(SegmentConfig {
-            slots_per_pool: 2,
-            ..SegmentConfig::default()
-        });
-        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
+        let seg = heap_segment(SegmentConfig::default().with_slots(4096, 2));
+        let pool = seg.pool(id(1), Direction::ToGuest, 0).unwrap();
         let mut cursor = 0;
-        let (a, ga) = pool.alloc(&mut cursor).unwrap();
-        let (b, gb) = pool.alloc(&mut cursor).unwrap();
+        let (a, ga) = pool.alloc(&mut cursor, 0).unwrap().unwrap();
+        let (b, gb) = pool.alloc(&mut cursor, 0).unwrap().unwrap();
         assert_ne!(a, b);
         assert_eq!((ga, gb), (1, 1), "generation bumps on allocation");
-        assert!(pool.alloc(&mut cursor).is_none());
+        assert!(pool.alloc(&mut cursor, 0).unwrap().is_none());
         assert!(
-            matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
+            matches!(pool.claim(a, ga, 10, 1), Err(Violation::SlotState { .. })),
             "Loaned is not claimable"
         );
         pool.mark_sent(a, ga).unwrap();
         assert!(
-            matches!(pool.claim(a, ga + 1, 10), Err(Violation::SlotState { .. })),
+            matches!(
+                pool.claim(a, ga + 1, 10, 1),
+                Err(Violation::SlotState { .. })
+            ),
             "stale generation"
         );
         assert!(matches!(
-            pool.claim(5, ga, 10),
+            pool.claim(5, ga, 10, 1),
             Err(Violation::SlotIndex { index: 5, count: 2 })
         ));
         assert!(matches!(
-            pool.claim(a, ga, 4097),
+            pool.claim(a, ga, 4097, 1),
             Err(Violation::SlotLen { .. })
         ));
-        pool.claim(a, ga, 10).unwrap();
+        pool.claim(a, ga, 10, 1).unwrap();
         assert!(
-            matches!(pool.claim(a, ga, 10), Err(Violation::SlotState { .. })),
+            matches!(pool.claim(a, ga, 10, 1), Err(Violation::SlotState { .. })),
             "claimed once"
         );
         pool.release(a, ga).unwrap();
         assert!(pool.release(a, ga).is_err(), "double free is refused");
-        let (a2, ga2) = pool.alloc(&mut cursor).unwrap();
+        let (a2, ga2) = pool.alloc(&mut cursor, 0).unwrap().unwrap();
         assert_eq!((a2, ga2), (a, 2), "reuse carries a new generation");
+    }
+
+    // The pool table of spec/05-slots.md: state words, links and owners where it
+    // says, and a free list that hands back what the receiver freed, tag bumped.
+    // shm[verify shm.slot.layout]
+    // shm[verify shm.slot.free-list]
+    // shm[verify shm.slot.alloc]
+    #[test]
+    fn pool_fields_sit_where_the_spec_table_says() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let seg = heap_segment(SegmentConfig::default().with_slots(256, 3));
+        let pool = seg.pool(id(2), Direction::ToHost, 0).unwrap();
+        let base = seg.layout().pool_offset(1, Direction::ToHost, 0) as usize;
+        let region = seg.backing().region();
+        let u64_at = |off: usize| region.atomic_u64(base + off).unwrap().load(Relaxed);
+        let u32_at = |off: usize| {
+            let w = region.atomic_u64(base + off / 8 * 8).unwrap().load(Relaxed);
+            (w >> (off % 8 * 8)) as u32
+        };
+        let mut fresh = 0;
+        let (a, ga) = pool.alloc(&mut fresh, owner(2, 7)).unwrap().unwrap();
+        let (b, _) = pool.alloc(&mut fresh, owner(2, 7)).unwrap().unwrap();
+        assert_eq!((a, b, fresh), (0, 1, 2), "fresh slots in order");
+        assert_eq!(u64_at(64 + 8 * a as usize), (1 << 32) | 1, "Loaned(1)");
+        assert_eq!(u32_at(64 + 12 * 3 + 4 * b as usize), (7 << 8) | 2, "owner");
+        pool.mark_sent(a, ga).unwrap();
+        pool.claim(a, ga, 100, owner(0, 0)).unwrap();
+        assert_eq!(u32_at(64 + 12 * 3), 0, "the host claimed it");
+        assert_eq!(u64_at(0), 0, "empty list, tag 0");
+        pool.release(a, ga).unwrap();
+        assert_eq!(u64_at(0), (1 << 32) | 1, "tag 1, slot 0 on top");
+        assert_eq!(u32_at(64 + 8 * 3), 0, "slot 0 links to nothing");
+        // The data of slot i starts at pool_meta_len + i * slot_size.
+        assert!(pool.write(b, &[0xAB; 256]));
+        let meta_len = seg.layout().pools[0].meta_len as usize;
+        assert_eq!(meta_len, 128, "align_up(64 + 3 * 16, 64)");
+        assert_eq!(u64_at(meta_len + 256), 0xABAB_ABAB_ABAB_ABAB);
+        // The listed slot comes back before the never-used slot 2.
+        let (c, gc) = pool.alloc(&mut fresh, 0).unwrap().unwrap();
+        assert_eq!((c, gc), (0, 2));
+        assert_eq!(u64_at(0), 2 << 32, "popped: tag 2, empty");
+        let (d, _) = pool.alloc(&mut fresh, 0).unwrap().unwrap();
+        assert_eq!(d, 2);
+        assert_eq!(pool.alloc(&mut fresh, 0).unwrap(), None);
+        // A lying list is skipped (slot 1 is Loaned), a garbage one is a violation.
+        region
+            .atomic_u64(base)
+            .unwrap()
+            .store((9 << 32) | 2, Relaxed);
+        assert_eq!(pool.alloc(&mut fresh, 0).unwrap(), None);
+        region
+            .atomic_u64(base)
+            .unwrap()
+            .store((9 << 32) | 40, Relaxed);
+        assert_eq!(
+            pool.alloc(&mut fresh, 0),
+            Err(Violation::FreeList { found: 40 })
+        );
+        // Reclaim frees everything and empties the list; a rescan finds all three.
+        assert_eq!(pool.reclaim_all(|_| false), 3);
+        assert_eq!(u64_at(0) as u32, 0);
+        let mut fresh = 0;
+        for _ in 0..3 {
+            pool.alloc(&mut fresh, 0).unwrap().unwrap();
+        }
     }
 
     // shm[verify shm.msg.inline]
     // shm[verify shm.msg.slot]
     #[test]
     fn inline_up_to_36_bytes_then_slots_up_to_slot_size() {
-        let seg = heap_segment(SegmentConfig {
-            slot_size: 128,
-            ..SegmentConfig::default()
-        });
+        let seg = heap_segment(SegmentConfig::default().with_slots(128, 16));
         let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
-        let pool = seg.pool(id(1), Direction::ToGuest).unwrap();
-        let (mut tx, mut rx) = (Outbox::new(), Inbox::new());
+        let pools = seg.pools(id(1), Direction::ToGuest).unwrap();
+        let (mut tx, mut rx) = (Outbox::new(0), Inbox::new(0));
         let mut buf = Vec::new();
         for len in [0, 1, 35, 36, 37, 127, 128] {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            tx.send(&ring, &pool, Meta::new(3, len as u64), &payload, None)
+            tx.send(&ring, &pools, Meta::new(3, len as u64), &payload, None)
                 .unwrap();
-            let in_use = pool.usage().in_use;
+            let in_use = pools.usage().in_use;
             assert_eq!(in_use, u32::from(len > 36), "len {len}");
-            rx.recv(&ring, &pool, &mut buf, None).unwrap().unwrap();
+            rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
             assert_eq!(buf, payload);
         }
         assert_eq!(
-            tx.send(&ring, &pool, Meta::default(), &[0; 129], None),
+            tx.send(&ring, &pools, Meta::default(), &[0; 129], None),
             Err(crate::ChannelSendError::TooLarge { len: 129, max: 128 })
         );
     }

@@ -1,17 +1,35 @@
-//! Slot pools: fixed-size payload slots with a per-slot state word.
+//! Slot pools: one pool per slot class, direction and guest, each with a per-slot
+//! state word and a lock-free free list.
 //!
-//! Each guest area has two pools, one per direction. The sender of that direction
-//! allocates; the receiver claims and frees. The state word (`generation << 32 |
-//! state`) is the only synchronisation, and every transition is a CAS on the whole
-//! word, so a stale or duplicated reference can never free a slot twice.
+//! The sender of a direction allocates; the receiver claims and frees. The state word
+//! (`generation << 32 | state`) is the only synchronisation that decides ownership, and
+//! every transition is a CAS on the whole word, so a stale or duplicated reference can
+//! never free a slot twice. The free list (`crate::freelist`) only says where a Free
+//! slot may be found; a slot it names that is not Free is skipped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::freelist::{FreeList, FreeListError};
 use crate::region::Region;
 use crate::violation::Violation;
 
-/// Size of one slot's metadata.
-pub const SLOT_META_SIZE: usize = 8;
+/// Bytes of metadata per slot: state word, free-list link and owner.
+pub const SLOT_META_SIZE: usize = 16;
+/// Owner value for the host.
+pub const OWNER_HOST: u32 = 0;
+
+/// The 64-byte header at the start of every pool (`shm.slot.layout`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct PoolHeader {
+    /// Free-list head: tag (high 32 bits), index + 1 (low 32 bits, 0 = empty).
+    pub free_head: AtomicU64,
+    /// Reserved, zero.
+    pub _reserved: [AtomicU64; 7],
+}
+
+const _: () = assert!(std::mem::size_of::<PoolHeader>() == 64);
 
 // shm[impl shm.slot.layout]
 /// Who holds a slot (`shm.slot.layout`).
@@ -28,11 +46,11 @@ pub enum SlotState {
     Received = 3,
 }
 
-fn pack(state: SlotState, generation: u32) -> u64 {
+pub(crate) fn pack(state: SlotState, generation: u32) -> u64 {
     (u64::from(generation) << 32) | state as u64
 }
 
-fn state_of(raw: u64) -> Option<SlotState> {
+pub(crate) fn state_of(raw: u64) -> Option<SlotState> {
     Some(match raw as u32 {
         0 => SlotState::Free,
         1 => SlotState::Loaned,
@@ -42,10 +60,19 @@ fn state_of(raw: u64) -> Option<SlotState> {
     })
 }
 
-/// A pool in shared memory.
+/// The owner word for a party: its peer id (0 for the host) in the low 8 bits, the
+/// low 24 bits of its entry generation above them.
+pub fn owner_word(peer_id: u8, generation: u32) -> u32 {
+    (generation << 8) | u32::from(peer_id)
+}
+
+/// One pool in shared memory: the slots of one class, for one direction of one guest.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolView<'a> {
-    metas: &'a [AtomicU64],
+    header: &'a PoolHeader,
+    words: &'a [AtomicU64],
+    links: &'a [AtomicU32],
+    owners: &'a [AtomicU32],
     region: Region<'a>,
     data_offset: usize,
     slot_size: u32,
@@ -60,20 +87,36 @@ pub struct PoolUsage {
     pub in_use: u32,
 }
 
+impl std::ops::AddAssign for PoolUsage {
+    fn add_assign(&mut self, o: Self) {
+        self.free += o.free;
+        self.in_use += o.in_use;
+    }
+}
+
 impl<'a> PoolView<'a> {
-    /// A view over `metas` and `metas.len()` slots of `slot_size` bytes at
-    /// `data_offset` in `region`. Panics if the data does not fit in the region: the
-    /// arguments come from a validated layout, never from peers.
+    /// A view over a pool's header, its metadata arrays (`words`, `links` and
+    /// `owners`, one entry per slot) and `words.len()` slots of `slot_size` bytes at
+    /// `data_offset` in `region`. Panics if the arrays disagree in length or the data
+    /// does not fit in the region: the arguments come from a validated layout, never
+    /// from peers.
     pub fn new(
-        metas: &'a [AtomicU64],
+        header: &'a PoolHeader,
+        words: &'a [AtomicU64],
+        links: &'a [AtomicU32],
+        owners: &'a [AtomicU32],
         region: Region<'a>,
         data_offset: usize,
         slot_size: u32,
     ) -> Self {
-        let data_len = metas.len() * slot_size as usize;
+        assert!(links.len() == words.len() && owners.len() == words.len());
+        let data_len = words.len() * slot_size as usize;
         assert!(region.span(data_offset, data_len).is_some());
         Self {
-            metas,
+            header,
+            words,
+            links,
+            owners,
             region,
             data_offset,
             slot_size,
@@ -82,7 +125,7 @@ impl<'a> PoolView<'a> {
 
     /// Slots in the pool.
     pub fn count(&self) -> u32 {
-        self.metas.len() as u32
+        self.words.len() as u32
     }
 
     /// Bytes per slot.
@@ -90,35 +133,61 @@ impl<'a> PoolView<'a> {
         self.slot_size
     }
 
-    /// Sender: takes a Free slot, scanning from `*cursor`: Free(g) -> Loaned(g+1).
-    /// Returns the index and its new generation, or `None` when no slot is Free.
+    fn free_list(&self) -> FreeList<'a, AtomicU64, AtomicU32> {
+        FreeList::new(&self.header.free_head, self.links)
+    }
+
+    /// Free(g) -> Loaned(g+1) on slot `index`, if it is Free.
+    fn take(&self, index: u32, owner: u32) -> Option<u32> {
+        let meta = &self.words[index as usize];
+        let raw = meta.load(Ordering::Relaxed);
+        if state_of(raw) != Some(SlotState::Free) {
+            return None;
+        }
+        let generation = ((raw >> 32) as u32).wrapping_add(1);
+        // Acquire: the receiver's reads of the slot's previous payload happen before
+        // our writes of the new one.
+        meta.compare_exchange(
+            raw,
+            pack(SlotState::Loaned, generation),
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        )
+        .ok()?;
+        self.owners[index as usize].store(owner, Ordering::Relaxed);
+        Some(generation)
+    }
+
+    /// Sender: takes a Free slot, Free(g) -> Loaned(g+1): first from the free list,
+    /// then from the slots never allocated since the pool was last reset (`fresh`
+    /// is the sender's private count of those it has visited). Returns the index and
+    /// its new generation, `Ok(None)` when no slot is Free, and a violation when the
+    /// free list holds an impossible value.
     // shm[impl shm.slot.alloc]
-    pub fn alloc(&self, cursor: &mut u32) -> Option<(u32, u32)> {
-        let n = self.count();
-        for step in 0..n {
-            let index = (*cursor + step) % n;
-            let meta = &self.metas[index as usize];
-            let raw = meta.load(Ordering::Relaxed);
-            if state_of(raw) != Some(SlotState::Free) {
-                continue;
-            }
-            let generation = ((raw >> 32) as u32).wrapping_add(1);
-            // Acquire: the receiver's reads of the slot's previous payload happen
-            // before our writes of the new one.
-            if meta
-                .compare_exchange(
-                    raw,
-                    pack(SlotState::Loaned, generation),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                *cursor = (index + 1) % n;
-                return Some((index, generation));
+    // shm[impl shm.slot.free-list]
+    pub fn alloc(&self, fresh: &mut u32, owner: u32) -> Result<Option<(u32, u32)>, Violation> {
+        let list = self.free_list();
+        // Each pop removes one element, so a list that cycles cannot trap us.
+        for _ in 0..=self.count() {
+            match list.pop() {
+                Ok(Some(index)) => {
+                    if let Some(generation) = self.take(index, owner) {
+                        return Ok(Some((index, generation)));
+                    }
+                    // A stale hint: the slot was taken through `fresh` or reclaimed.
+                }
+                Ok(None) => break,
+                Err(e) => return Err(free_list_violation(e)),
             }
         }
-        None
+        while *fresh < self.count() {
+            let index = *fresh;
+            *fresh += 1;
+            if let Some(generation) = self.take(index, owner) {
+                return Ok(Some((index, generation)));
+            }
+        }
+        Ok(None)
     }
 
     /// CAS `from`(gen) -> `to`(gen); on failure, the word as found.
@@ -130,7 +199,7 @@ impl<'a> PoolView<'a> {
         to: SlotState,
         ord: Ordering,
     ) -> Result<(), u64> {
-        self.metas[index as usize]
+        self.words[index as usize]
             .compare_exchange(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
             .map(|_| ())
     }
@@ -153,6 +222,9 @@ impl<'a> PoolView<'a> {
                 .cas(index, generation, from, SlotState::Free, Ordering::Release)
                 .is_ok()
             {
+                // A push that fails (only a peer scribbling on the list makes it)
+                // leaves the slot Free but unlisted until the pool is next reset.
+                let _ = self.free_list().push(index);
                 return;
             }
         }
@@ -161,7 +233,13 @@ impl<'a> PoolView<'a> {
     /// Receiver: checks a slot reference read from a descriptor and claims the slot,
     /// Sent(g) -> Received(g). Every field is validated before it is used.
     // shm[impl shm.slot.claim]
-    pub fn claim(&self, index: u32, generation: u32, len: u32) -> Result<(), Violation> {
+    pub fn claim(
+        &self,
+        index: u32,
+        generation: u32,
+        len: u32,
+        owner: u32,
+    ) -> Result<(), Violation> {
         if index >= self.count() {
             return Err(Violation::SlotIndex {
                 index,
@@ -176,19 +254,20 @@ impl<'a> PoolView<'a> {
         }
         // Acquire: pairs with the sender's Release in mark_sent, so the payload is
         // visible.
-        self.metas[index as usize]
+        self.words[index as usize]
             .compare_exchange(
                 pack(SlotState::Sent, generation),
                 pack(SlotState::Received, generation),
                 Ordering::Acquire,
                 Ordering::Acquire,
             )
-            .map(|_| ())
             .map_err(|found| Violation::SlotState {
                 index,
                 generation,
                 found,
-            })
+            })?;
+        self.owners[index as usize].store(owner, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Receiver: Received(g) -> Free(g). On failure (only a misbehaving sender can
@@ -196,7 +275,19 @@ impl<'a> PoolView<'a> {
     // shm[impl shm.slot.free]
     pub fn release(&self, index: u32, generation: u32) -> Result<(), u64> {
         let (from, to) = (SlotState::Received, SlotState::Free);
-        self.cas(index, generation, from, to, Ordering::Release)
+        self.cas(index, generation, from, to, Ordering::Release)?;
+        // As in `unloan`: a failed push only strands the slot until the next reset.
+        let _ = self.free_list().push(index);
+        Ok(())
+    }
+
+    /// Address of slot `index`'s data, for loans and views (`index` in range).
+    pub fn data_ptr(&self, index: u32) -> Option<NonNull<u8>> {
+        if index >= self.count() {
+            return None;
+        }
+        self.region
+            .span(self.data_at(index), self.slot_size as usize)
     }
 
     fn data_at(&self, index: u32) -> usize {
@@ -224,7 +315,7 @@ impl<'a> PoolView<'a> {
     /// Counts slots by state.
     pub fn usage(&self) -> PoolUsage {
         let mut u = PoolUsage::default();
-        for m in self.metas {
+        for m in self.words {
             if state_of(m.load(Ordering::Acquire)) == Some(SlotState::Free) {
                 u.free += 1;
             } else {
@@ -234,21 +325,38 @@ impl<'a> PoolView<'a> {
         u
     }
 
-    /// Returns every slot not in `keep` to Free, keeping its generation; returns how
-    /// many were reclaimed. Only for the host once the guest that shared the pool is
-    /// gone.
+    /// Returns every slot whose state `keep` refuses to Free, keeping its
+    /// generation, and empties the free list (the sender rediscovers every Free slot
+    /// by rescanning); returns how many were reclaimed. Only for the host once the
+    /// guest that shared the pool is gone.
     // shm[impl shm.slot.reclaim]
-    pub fn reclaim_all(&self, keep: Option<SlotState>) -> u32 {
+    pub fn reclaim_all(&self, keep: impl Fn(SlotState) -> bool) -> u32 {
         let mut reclaimed = 0;
-        for m in self.metas {
+        for m in self.words {
             let raw = m.load(Ordering::Acquire);
-            let state = state_of(raw);
-            if state == Some(SlotState::Free) || (state.is_some() && state == keep) {
-                continue;
+            match state_of(raw) {
+                Some(SlotState::Free) => continue,
+                Some(state) if keep(state) => continue,
+                _ => {}
             }
             m.store(pack(SlotState::Free, (raw >> 32) as u32), Ordering::Release);
             reclaimed += 1;
         }
+        self.free_list().clear();
         reclaimed
+    }
+
+    /// The state of slot `index` (`None` out of range or for a word with no state).
+    pub fn state(&self, index: u32) -> Option<SlotState> {
+        state_of(self.words.get(index as usize)?.load(Ordering::Acquire))
+    }
+}
+
+fn free_list_violation(e: FreeListError) -> Violation {
+    Violation::FreeList {
+        found: match e {
+            FreeListError::OutOfRange(v) => v,
+            FreeListError::Contended => u32::MAX,
+        },
     }
 }

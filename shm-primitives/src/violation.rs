@@ -69,6 +69,46 @@ pub enum Violation {
         /// The slot's state word as found.
         found: u64,
     },
+    /// A free list names a slot outside its pool (or kept changing for every
+    /// attempt: `found` is then `u32::MAX`).
+    #[error("free list value {found} is impossible")]
+    FreeList {
+        /// The value found.
+        found: u32,
+    },
+    /// A slot descriptor names a class the segment does not have.
+    #[error("slot class {class} outside the {classes} classes")]
+    SlotClass {
+        /// Claimed class.
+        class: u8,
+        /// Classes in the segment.
+        classes: u8,
+    },
+    /// A descriptor's flags byte has bits this version does not define, or a
+    /// combination it forbids.
+    #[error("descriptor flags {flags:#04x} are invalid")]
+    DescFlags {
+        /// The flags byte.
+        flags: u8,
+    },
+    /// A large payload's memory file is missing or does not match its descriptor.
+    #[error("large payload {seq} is invalid: {reason}")]
+    Large {
+        /// The large-payload sequence number the descriptor carries.
+        seq: u64,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// A broadcast descriptor names a slot that is not a live broadcast for us.
+    #[error("broadcast slot {index} generation {generation} is invalid (word {found:#x})")]
+    Broadcast {
+        /// Slot index.
+        index: u32,
+        /// Generation the descriptor carries.
+        generation: u32,
+        /// The slot's state word as found.
+        found: u64,
+    },
 }
 
 impl Violation {
@@ -81,6 +121,11 @@ impl Violation {
             Violation::InlineLen { .. } => "shm.msg.inline",
             Violation::SlotIndex { .. } | Violation::SlotLen { .. } => "shm.msg.slot",
             Violation::SlotState { .. } => "shm.slot.claim",
+            Violation::FreeList { .. } => "shm.slot.free-list",
+            Violation::SlotClass { .. } => "shm.slot.classes",
+            Violation::DescFlags { .. } => "shm.ring.desc-layout",
+            Violation::Large { .. } => "shm.msg.large",
+            Violation::Broadcast { .. } => "shm.broadcast.refcount",
         }
     }
 
@@ -95,6 +140,11 @@ impl Violation {
             Violation::SlotIndex { .. } => 6,
             Violation::SlotLen { .. } => 7,
             Violation::SlotState { .. } => 8,
+            Violation::FreeList { .. } => 9,
+            Violation::SlotClass { .. } => 10,
+            Violation::DescFlags { .. } => 11,
+            Violation::Large { .. } => 12,
+            Violation::Broadcast { .. } => 13,
         }
     }
 }

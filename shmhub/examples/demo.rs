@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost};
+use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost, SlotClasses};
 
 const HELLO: u32 = 1;
 const PING: u32 = 2;
@@ -74,8 +74,9 @@ fn host() {
     let config = SegmentConfig {
         max_guests: 8,
         ring_capacity: 64,
-        slot_size: 64 * 1024,
-        slots_per_pool: 8,
+        classes: SlotClasses::single(64 * 1024, 8),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(&path, config).expect("create segment");
     println!(

@@ -10,4 +10,6 @@ pub use shm_host::{
     self as host, segment_path, Death, DeathCause, GuestOptions, PeerHandle, SegmentConfig,
     ShmHost, SpawnTicket, SpawnedGuest,
 };
-pub use shm_primitives::{self as primitives, Meta, PeerId, PeerState};
+pub use shm_primitives::{
+    self as primitives, Meta, MsgKind, PeerId, PeerState, SlotClass, SlotClasses,
+};

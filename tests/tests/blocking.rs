@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shm_guest::ShmGuest;
-use shm_host::{Meta, SegmentConfig, ShmHost, WaitPolicy};
+use shm_host::{Meta, SegmentConfig, ShmHost, SlotClasses, WaitPolicy};
 use shm_primitives::Segment;
 use shmhub_tests::{arg, guest_parked, hear, poll_until, role, tell, watch_segment, Proc, ShmPath};
 
@@ -182,8 +182,9 @@ fn a_million_blocking_ping_pongs_lose_no_wakeup() {
     let config = SegmentConfig {
         max_guests: 1,
         ring_capacity: 2,
-        slot_size: 128,
-        slots_per_pool: 2,
+        classes: SlotClasses::single(128, 2),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(seg.path(), config).unwrap();
     host.set_wait_policy(WaitPolicy::BLOCK);

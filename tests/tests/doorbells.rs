@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use shm_guest::{AsyncGuest, AttachError, DetachedError, HostDeathCause, RecvError, ShmGuest};
 use shm_host::{
     AsyncHost, Death, DeathCause, Direction, Meta, PeerId, PeerState, SegmentConfig, ShmHost,
+    SlotClasses,
 };
 use shm_primitives::doorbell::{self, Drained, Hello, NOT_PARKED, PARKED_DOORBELL};
 use shm_primitives::Segment;
@@ -443,8 +444,9 @@ fn async_ping_pong_across_processes_loses_no_wakeup() {
     let config = SegmentConfig {
         max_guests: 1,
         ring_capacity: 4,
-        slot_size: 256,
-        slots_per_pool: 2,
+        classes: SlotClasses::single(256, 2),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(seg.path(), config).unwrap();
     host.set_liveness_interval(LONG);
@@ -569,8 +571,9 @@ fn async_sends_wait_for_room_in_both_directions() {
     let config = SegmentConfig {
         max_guests: 1,
         ring_capacity: 4,
-        slot_size: 256,
-        slots_per_pool: 4,
+        classes: SlotClasses::single(256, 4),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(seg.path(), config).unwrap();
     host.set_liveness_interval(LONG);

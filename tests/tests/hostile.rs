@@ -9,7 +9,9 @@ use std::time::Duration;
 use shm_guest::{
     DetachedError, RecvError as GuestRecvError, SendError as GuestSendError, ShmGuest,
 };
-use shm_host::{Direction, Meta, PeerId, PeerState, SegmentConfig, SendError, ShmHost, Violation};
+use shm_host::{
+    Direction, Meta, PeerId, PeerState, SegmentConfig, SendError, ShmHost, SlotClasses, Violation,
+};
 use shm_primitives::desc::{Body, Descriptor};
 use shm_primitives::{MmapRegion, Segment, ShmBacking};
 use shmhub_tests::{arg, hear, pattern, poll_until, role, tell, Proc, ShmPath};
@@ -17,12 +19,13 @@ use shmhub_tests::{arg, hear, pattern, poll_until, role, tell, Proc, ShmPath};
 const CONFIG: SegmentConfig = SegmentConfig {
     max_guests: 16,
     ring_capacity: 8,
-    slot_size: 256,
-    slots_per_pool: 4,
+    classes: SlotClasses::single(256, 4),
+    broadcast_slots: 0,
+    broadcast_slot_size: 0,
 };
 
 /// Each way to break the protocol, and the violation the host must report.
-const MODES: [&str; 8] = [
+const MODES: [&str; 10] = [
     "tail-too-far",
     "bad-seq",
     "bad-kind",
@@ -31,6 +34,8 @@ const MODES: [&str; 8] = [
     "slot-state",
     "peer-word",
     "head-garbage",
+    "slot-class",
+    "msg-kind",
 ];
 
 fn expected(mode: &str, v: &Violation) -> bool {
@@ -61,6 +66,14 @@ fn expected(mode: &str, v: &Violation) -> bool {
             }
         ),
         "peer-word" => matches!(v, Violation::PeerWord { raw: 0xdead_0007 }),
+        "slot-class" => matches!(
+            v,
+            Violation::SlotClass {
+                class: 9,
+                classes: 1
+            }
+        ),
+        "msg-kind" => matches!(v, Violation::DescFlags { flags: 0x77 }),
         _ => false,
     }
 }
@@ -89,7 +102,11 @@ fn scribble(seg: &Segment, id: PeerId, mode: &str) {
         body: Body::Inline([0; 36]),
     };
     let slot = |index, generation| Descriptor {
-        body: Body::Slot { index, generation },
+        body: Body::Slot {
+            class: 0,
+            index,
+            generation,
+        },
         payload_len: 10,
         ..inline(0)
     };
@@ -106,6 +123,25 @@ fn scribble(seg: &Segment, id: PeerId, mode: &str) {
         "inline-too-long" => put_desc(inline(100), None),
         "slot-index" => put_desc(slot(1_000_000, 1), None),
         "slot-state" => put_desc(slot(0, 5), None),
+        "slot-class" => put_desc(
+            Descriptor {
+                body: Body::Slot {
+                    class: 9,
+                    index: 0,
+                    generation: 1,
+                },
+                ..slot(0, 1)
+            },
+            None,
+        ),
+        "msg-kind" => {
+            let mut words = inline(3).encode();
+            words[3] |= 0x77 << 16; // msg_kind is byte 26
+            for (i, w) in words.iter().enumerate() {
+                word(desc0 + 8 * i as u64).store(*w, Ordering::Relaxed);
+            }
+            word(to_host).store(1, Ordering::Release);
+        }
         "peer-word" => word(layout.peer_offset(id.index())).store(0xdead_0007, Ordering::Release),
         "head-garbage" => {
             let to_guest = layout.ring_offset(id.index(), Direction::ToGuest);

@@ -186,7 +186,7 @@ fn victim_main() {
         guest.generation()
     ));
     assert_eq!(hear(), "go");
-    let big = pattern(7, 0, guest.max_payload());
+    let big = pattern(7, 0, 4000);
     for n in 0..VICTIM_SENDS {
         guest.send(Meta::new(JUNK, n), &big, LONG).unwrap();
     }
@@ -256,7 +256,7 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
         handle = Some(h);
         if point != Point::Parked {
             sent_to_victim = 2;
-            let big = pattern(8, 0, srv.host.max_payload());
+            let big = pattern(8, 0, 4000);
             for n in 0..sent_to_victim {
                 srv.host.send(h, Meta::new(JUNK, n), &big, LONG).unwrap();
             }

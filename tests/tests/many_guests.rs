@@ -4,14 +4,15 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use shm_guest::{AttachError, ShmGuest};
-use shm_host::{Meta, PeerId, PeerState, SegmentConfig, ShmHost};
+use shm_host::{Meta, PeerId, PeerState, SegmentConfig, ShmHost, SlotClasses};
 use shmhub_tests::{arg, poll_until, role, tell, Proc, ShmPath};
 
 const SMALL: SegmentConfig = SegmentConfig {
     max_guests: 255,
     ring_capacity: 4,
-    slot_size: 64,
-    slots_per_pool: 1,
+    classes: SlotClasses::single(64, 1),
+    broadcast_slots: 0,
+    broadcast_slot_size: 0,
 };
 const PROCESSES: usize = 8;
 
@@ -133,8 +134,9 @@ fn ten_thousand_attach_detach_cycles_leave_the_table_empty() {
     let config = SegmentConfig {
         max_guests: 4,
         ring_capacity: 4,
-        slot_size: 64,
-        slots_per_pool: 2,
+        classes: SlotClasses::single(64, 2),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(seg.path(), config).unwrap();
     let mut child = Proc::spawn(

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use shm_guest::{AttachOptions, ShmGuest};
-use shm_host::{Meta, PeerId, PeerState, SegmentConfig, ShmHost};
+use shm_host::{Meta, PeerId, PeerState, SegmentConfig, ShmHost, SlotClasses};
 use shmhub_tests::{arg, hear, pattern, poll_until, role, tell, Proc, ShmPath, LENGTHS};
 
 const DATA: u32 = 1;
@@ -69,8 +69,9 @@ fn guests_by_path_and_by_reserved_id_exchange_messages() {
     let config = SegmentConfig {
         max_guests: 4,
         ring_capacity: 16,
-        slot_size: 4096,
-        slots_per_pool: 8,
+        classes: SlotClasses::single(4096, 8),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let mut host = ShmHost::create(seg.path(), config).unwrap();
     let reserved = host.reserve_peer().unwrap();
@@ -243,7 +244,9 @@ fn what_a_departed_guest_never_read_is_reclaimed_and_counted() {
     // and the host can fill every slot towards it.
     let mut g = ShmGuest::attach_path(seg.path()).unwrap();
     assert_eq!(g.peer_id(), peer);
-    let slots = SegmentConfig::default().slots_per_pool;
+    // Every class, by falling through from the smallest (`shm.slot.classes`).
+    let classes = SegmentConfig::default().classes;
+    let slots: u32 = classes.as_slice().iter().map(|c| c.count).sum();
     for n in 0..slots {
         host.try_send(peer, Meta::new(1, u64::from(n)), &[0u8; 100])
             .unwrap();

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shm_guest::{AttachError, AttachOptions, HeaderError, ShmGuest};
-use shm_host::{CreateError, Meta, SegmentConfig, ShmHost};
+use shm_host::{CreateError, Meta, SegmentConfig, ShmHost, SlotClasses};
 use shmhub_tests::{arg, hear, plant_segment, poll_until, role, tell, Proc, ShmPath};
 
 fn attach_quick(path: &std::path::Path) -> Result<ShmGuest, AttachError> {
@@ -104,8 +104,9 @@ fn creation_leaves_no_temporary_file_and_refuses_a_full_filesystem() {
     let huge = SegmentConfig {
         max_guests: 255,
         ring_capacity: 64,
-        slot_size: 1 << 30,
-        slots_per_pool: 64,
+        classes: SlotClasses::single(1 << 30, 64),
+        broadcast_slots: 0,
+        broadcast_slot_size: 0,
     };
     let shm = ShmPath::new("huge");
     match ShmHost::create(shm.path(), huge) {
