@@ -36,7 +36,9 @@ use shm_primitives::doorbell::{self, Hello};
 use shm_primitives::header::HEADER_SIZE;
 use shm_primitives::lock;
 use shm_primitives::slot::owner_word;
-use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment};
+use shm_primitives::view::SlotBytes;
+pub use shm_primitives::Message;
+use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment, SlotLoan};
 pub use shm_primitives::{
     Direction, HeaderError, Meta, MsgKind, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
     INLINE_CAPACITY,
@@ -558,6 +560,42 @@ impl ShmGuest {
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Meta>, RecvError> {
+        self.recv_with(timeout, |segment, me, watch, inbox| {
+            recv_once(segment, me, watch, inbox, buf)
+        })
+    }
+
+    /// Receives one message without copying its payload, or `None` when there is
+    /// none: a slot payload is read in place and its slot is freed when the
+    /// [`Message`] is dropped (`shm.slot.view`); any number may be held at once.
+    pub fn try_recv_message(&mut self) -> Result<Option<Message>, RecvError> {
+        let me = (self.id, self.generation);
+        let got = take_once(&self.segment, me, &mut self.watch, &mut self.inbox)?;
+        match got {
+            Some(_) if self.armed_recv => self.disarm_recv(),
+            Some(_) => {}
+            None => self.watch.check_if_due(&self.segment)?,
+        }
+        Ok(got)
+    }
+
+    /// [`try_recv_message`](Self::try_recv_message), waiting up to `timeout` as
+    /// [`recv`](Self::recv) does.
+    pub fn recv_message(&mut self, timeout: Duration) -> Result<Option<Message>, RecvError> {
+        self.recv_with(timeout, take_once)
+    }
+
+    /// The blocking receive loop around one non-blocking attempt.
+    fn recv_with<T>(
+        &mut self,
+        timeout: Duration,
+        mut once: impl FnMut(
+            &Segment,
+            (PeerId, u32),
+            &mut HostWatch,
+            &mut Inbox,
+        ) -> Result<Option<T>, RecvError>,
+    ) -> Result<Option<T>, RecvError> {
         let me = (self.id, self.generation);
         if self.armed_recv {
             self.disarm_recv();
@@ -567,14 +605,14 @@ impl ShmGuest {
             .ring(self.id, Direction::ToGuest)
             .expect("validated id");
         // Fast path: no clock read when a message is already waiting.
-        if let Some(got) = recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)? {
+        if let Some(got) = once(&self.segment, me, &mut self.watch, &mut self.inbox)? {
             return Ok(Some(got));
         }
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let slice = self.watch.slice_until(deadline);
             let got = shm_primitives::wait::wait_for(self.wait, slice, &ring.data_bell(), || {
-                recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)
+                once(&self.segment, me, &mut self.watch, &mut self.inbox)
             })?;
             if got.is_some() {
                 return Ok(got);
@@ -584,6 +622,31 @@ impl ShmGuest {
                 return Ok(None);
             }
         }
+    }
+
+    /// Loans a slot of at least `len` bytes towards the host, to be written in place
+    /// and sent with [`Loan::send`] (`shm.slot.loan`); dropping the loan returns the
+    /// slot. Never blocks: a full ring or pool is a `WouldBlock` error.
+    pub fn loan(&mut self, len: usize) -> Result<Loan<'_>, SendError> {
+        check_attached(&self.segment, (self.id, self.generation), &mut self.watch)?;
+        let ring = self
+            .segment
+            .ring(self.id, Direction::ToHost)
+            .expect("validated id");
+        let pools = self
+            .segment
+            .pools(self.id, Direction::ToHost)
+            .expect("validated id");
+        let slot = self.outbox.loan(&ring, &pools, len).map_err(send_err)?;
+        let ptr = pools
+            .class(slot.class as usize)
+            .and_then(|p| p.data_ptr(slot.index))
+            .expect("a loan names a slot of its pool");
+        Ok(Loan {
+            guest: self,
+            slot,
+            bytes: SlotBytes::new(ptr, slot.capacity as usize),
+        })
     }
 
     /// Sends one message, waiting up to `timeout` for ring space and a free slot.
@@ -719,15 +782,116 @@ fn send_once(
     let bell = Some(watch.doorbell());
     outbox
         .send(&ring, &pools, meta, payload, bell)
-        .map_err(|e| match e {
-            ChannelSendError::RingFull => SendError::WouldBlockRing,
-            ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
-            ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
-            ChannelSendError::Violation(v) => SendError::Violation(v),
-        })?;
+        .map_err(send_err)?;
     // shm[impl shm.wake.host-bell]: after every publish, a syscall only if parked.
     segment.header().ring_host_bell(bell);
     Ok(())
+}
+
+fn send_err(e: ChannelSendError) -> SendError {
+    match e {
+        ChannelSendError::RingFull => SendError::WouldBlockRing,
+        ChannelSendError::PoolExhausted => SendError::WouldBlockPool,
+        ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+        ChannelSendError::Violation(v) => SendError::Violation(v),
+    }
+}
+
+/// A slot towards the host, loaned for writing in place ([`ShmGuest::loan`]).
+#[derive(Debug)]
+pub struct Loan<'g> {
+    guest: &'g mut ShmGuest,
+    slot: SlotLoan,
+    bytes: SlotBytes,
+}
+
+impl Loan<'_> {
+    /// Publishes the first `len` bytes of the slot as one message (`len` at most
+    /// [`capacity`](SlotBytes::capacity), otherwise `TooLarge` and the loan is returned).
+    pub fn send(self, meta: Meta, len: usize) -> Result<(), SendError> {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        let (capacity, slot) = (this.bytes.capacity(), this.slot);
+        let guest = &mut *this.guest;
+        let pools = guest
+            .segment
+            .pools(guest.id, Direction::ToHost)
+            .expect("validated id");
+        if len > capacity {
+            guest.outbox.abandon(&pools, slot);
+            return Err(SendError::TooLarge { len, max: capacity });
+        }
+        let ring = guest
+            .segment
+            .ring(guest.id, Direction::ToHost)
+            .expect("validated id");
+        let bell = Some(guest.watch.doorbell());
+        guest
+            .outbox
+            .publish(&ring, &pools, slot, meta, len, bell)
+            .map_err(send_err)?;
+        guest.segment.header().ring_host_bell(bell);
+        if guest.armed_send {
+            guest.disarm_send();
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Loan<'_> {
+    type Target = SlotBytes;
+    fn deref(&self) -> &SlotBytes {
+        &self.bytes
+    }
+}
+
+impl std::ops::DerefMut for Loan<'_> {
+    fn deref_mut(&mut self) -> &mut SlotBytes {
+        &mut self.bytes
+    }
+}
+
+impl Drop for Loan<'_> {
+    fn drop(&mut self) {
+        if let Some(pools) = self.guest.segment.pools(self.guest.id, Direction::ToHost) {
+            self.guest.outbox.abandon(&pools, self.slot);
+        }
+    }
+}
+
+/// One non-blocking zero-copy receive (the body of `try_recv_message`).
+fn take_once(
+    segment: &Segment,
+    me: (PeerId, u32),
+    watch: &mut HostWatch,
+    inbox: &mut Inbox,
+) -> Result<Option<Message>, RecvError> {
+    check_attached(segment, me, watch)?;
+    let ring = segment
+        .ring(me.0, Direction::ToGuest)
+        .expect("validated id");
+    let pools = segment
+        .pools(me.0, Direction::ToGuest)
+        .expect("validated id");
+    let Some(msg) = inbox
+        .take(&ring, &pools, Some(watch.doorbell()))
+        .map_err(RecvError::Violation)?
+    else {
+        return Ok(None);
+    };
+    let bell = Some(watch.doorbell_arc().clone());
+    let kind = msg.payload.kind();
+    Message::new(
+        segment,
+        me.0,
+        Direction::ToGuest,
+        msg.meta,
+        msg.payload,
+        bell,
+        None,
+    )
+    .map(Some)
+    // Broadcast and large payloads are not sent to guests by this version.
+    .ok_or(RecvError::Violation(Violation::DescKind { kind }))
 }
 
 /// One non-blocking receive (the body of `try_recv`).

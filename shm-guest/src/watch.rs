@@ -5,6 +5,8 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use shm_primitives::doorbell::{self, Drained};
 use shm_primitives::{lock, Segment};
 
@@ -30,7 +32,7 @@ pub(crate) struct HostWatch {
     next_due: Instant,
     /// This guest's end of its doorbell (every guest has one: a ticket's socket pair
     /// or its connection to the host's listener).
-    doorbell: OwnedFd,
+    doorbell: Arc<OwnedFd>,
     last_beat: u64,
     last_beat_change: Instant,
     /// Sticky: once the host is gone, every call reports it.
@@ -43,7 +45,7 @@ impl HostWatch {
         Self {
             interval: DEFAULT_LIVENESS_INTERVAL,
             next_due: now,
-            doorbell,
+            doorbell: Arc::new(doorbell),
             last_beat: segment.header().heartbeat(),
             last_beat_change: now,
             gone: None,
@@ -57,6 +59,11 @@ impl HostWatch {
 
     pub(crate) fn doorbell(&self) -> BorrowedFd<'_> {
         self.doorbell.as_fd()
+    }
+
+    /// The doorbell, shared with the views that ring it when they free a slot.
+    pub(crate) fn doorbell_arc(&self) -> &Arc<OwnedFd> {
+        &self.doorbell
     }
 
     pub(crate) fn interval(&self) -> Duration {

@@ -199,7 +199,7 @@ impl Doorbells {
         let index_token = peer.index() as u64;
         let link = GuestLink {
             generation: hello.generation,
-            doorbell: fd,
+            doorbell: std::sync::Arc::new(fd),
             pidfd: None,
             child: None,
         };

@@ -32,7 +32,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment};
+use shm_primitives::view::SlotBytes;
+pub use shm_primitives::Message;
+use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment, SlotLoan};
 pub use shm_primitives::{
     Direction, HeapRegion, LayoutError, Meta, MsgKind, PeerId, PeerState, SegmentConfig,
     ShmBacking, SlotClass, SlotClasses, Violation, WaitPolicy, INLINE_CAPACITY,
@@ -427,10 +429,10 @@ impl ShmHost {
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
         let got = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)?;
         match got {
-            Some(msg) => self.after_recv(msg.from),
+            Some((msg, ())) => self.after_recv(msg.from),
             None => self.check_liveness_if_due(),
         }
-        Ok(got)
+        Ok(got.map(|(msg, ())| msg))
     }
 
     /// How blocking calls wait: spin rounds before parking (default: adaptive).
@@ -449,9 +451,45 @@ impl ShmHost {
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Received>, RecvError> {
+        let got = self.recv_with(timeout, |seg, peers, next| recv_once(seg, peers, next, buf))?;
+        Ok(got.map(|(r, ())| r))
+    }
+
+    /// Receives one message from any guest without copying its payload (served as
+    /// [`try_recv`](Self::try_recv) serves them): a slot payload is read in place and
+    /// its slot is freed when the [`Message`] is dropped (`shm.slot.view`). Any
+    /// number may be held at once, and they may outlive their guest.
+    pub fn try_recv_message(&mut self) -> Result<Option<(Received, Message)>, RecvError> {
+        let got = take_once(&self.segment, &mut self.peers, &mut self.next_recv)?;
+        match &got {
+            Some((r, _)) => self.after_recv(r.from),
+            None => self.check_liveness_if_due(),
+        }
+        Ok(got)
+    }
+
+    /// [`try_recv_message`](Self::try_recv_message), waiting up to `timeout` as
+    /// [`recv`](Self::recv) does.
+    pub fn recv_message(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(Received, Message)>, RecvError> {
+        self.recv_with(timeout, take_once)
+    }
+
+    /// The blocking receive loop around one non-blocking pass.
+    fn recv_with<T>(
+        &mut self,
+        timeout: Duration,
+        mut once: impl FnMut(
+            &Segment,
+            &mut [HostPeer],
+            &mut usize,
+        ) -> Result<Option<(Received, T)>, RecvError>,
+    ) -> Result<Option<(Received, T)>, RecvError> {
         // Fast path: no clock read when a message is already waiting.
-        if let Some(got) = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)? {
-            self.after_recv(got.from);
+        if let Some(got) = once(&self.segment, &mut self.peers, &mut self.next_recv)? {
+            self.after_recv(got.0.from);
             return Ok(Some(got));
         }
         let deadline = Instant::now().checked_add(timeout);
@@ -460,17 +498,32 @@ impl ShmHost {
             let slice = slice_until(deadline, self.liveness_interval);
             let bell = self.segment.header().host_bell();
             let got = shm_primitives::wait::wait_for(self.wait, slice, &bell, || {
-                recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)
+                once(&self.segment, &mut self.peers, &mut self.next_recv)
             })?;
             if let Some(msg) = got {
-                self.after_recv(msg.from);
-                return Ok(got);
+                self.after_recv(msg.0.from);
+                return Ok(Some(msg));
             }
             self.check_liveness_if_due();
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
         }
+    }
+
+    /// Loans a slot of at least `len` bytes towards `to`, to be written in place and
+    /// sent with [`HostLoan::send`] (`shm.slot.loan`); dropping the loan returns the
+    /// slot. Never blocks: a full ring or pool is a `WouldBlock` error.
+    pub fn loan(&mut self, to: impl Into<Target>, len: usize) -> Result<HostLoan<'_>, SendError> {
+        let to = to.into();
+        let (slot, bytes) = loan_once(&self.segment, &mut self.peers, to, len)?;
+        Ok(HostLoan {
+            host: self,
+            to,
+            slot,
+            bytes,
+            done: false,
+        })
     }
 
     /// Sends one message, waiting up to `timeout` for ring space and a free slot
@@ -573,7 +626,7 @@ impl ShmHost {
         let handle = self.reserve()?;
         let link = GuestLink {
             generation: handle.generation,
-            doorbell: host_end,
+            doorbell: Arc::new(host_end),
             pidfd: None,
             child: None,
         };
@@ -915,6 +968,27 @@ fn send_once(
     payload: &[u8],
 ) -> Result<(), SendError> {
     let peer = to.id;
+    let (entry, generation) = sendable(segment, table, to)?;
+    let hp = &mut table[peer.index()];
+    let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
+    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
+    let bell = peers::doorbell(&hp.link, generation);
+    match hp.outbox.send(&ring, &pools, meta, payload, bell) {
+        Ok(()) => {
+            hp.stats.sent += 1;
+            Ok(())
+        }
+        Err(e) => Err(channel_err(hp, entry, peer, generation, e)),
+    }
+}
+
+/// Checks that `to` names an attached guest; its entry and generation.
+fn sendable<'s>(
+    segment: &'s Segment,
+    table: &mut [HostPeer],
+    to: Target,
+) -> Result<(&'s shm_primitives::peer::PeerEntry, u32), SendError> {
+    let peer = to.id;
     let entry = segment.peer(peer).ok_or(SendError::NoSuchPeer(peer))?;
     let hp = &mut table[peer.index()];
     let word = match hp.observe(entry) {
@@ -936,32 +1010,227 @@ fn send_once(
             state: word.state,
         });
     }
+    Ok((entry, word.generation))
+}
+
+/// Maps a channel error to the API's, fencing the guest for a violation.
+fn channel_err(
+    hp: &mut HostPeer,
+    entry: &shm_primitives::peer::PeerEntry,
+    peer: PeerId,
+    generation: u32,
+    e: ChannelSendError,
+) -> SendError {
+    match e {
+        ChannelSendError::RingFull => SendError::WouldBlockRing(peer),
+        ChannelSendError::PoolExhausted => SendError::WouldBlockPool(peer),
+        ChannelSendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+        ChannelSendError::Violation(violation) => {
+            hp.fence(entry, generation, violation);
+            SendError::Fenced { peer, violation }
+        }
+    }
+}
+
+/// Allocates a slot towards `to` (the body of `loan`).
+fn loan_once(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    to: Target,
+    len: usize,
+) -> Result<(SlotLoan, SlotBytes), SendError> {
+    let peer = to.id;
+    let (entry, generation) = sendable(segment, table, to)?;
+    let hp = &mut table[peer.index()];
     let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
     let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
-    let bell = peers::doorbell(&hp.link, word.generation);
-    match hp.outbox.send(&ring, &pools, meta, payload, bell) {
-        Ok(()) => {
+    let slot = hp
+        .outbox
+        .loan(&ring, &pools, len)
+        .map_err(|e| channel_err(hp, entry, peer, generation, e))?;
+    let ptr = pools
+        .class(slot.class as usize)
+        .and_then(|p| p.data_ptr(slot.index))
+        .expect("a loan names a slot of its pool");
+    Ok((slot, SlotBytes::new(ptr, slot.capacity as usize)))
+}
+
+/// A slot towards one guest, loaned for writing in place ([`ShmHost::loan`]).
+pub struct HostLoan<'h> {
+    host: &'h mut ShmHost,
+    to: Target,
+    slot: SlotLoan,
+    bytes: SlotBytes,
+    /// Set once `send` has published or returned the slot.
+    done: bool,
+}
+
+impl std::fmt::Debug for HostLoan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostLoan")
+            .field("to", &self.to)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostLoan<'_> {
+    /// Publishes the first `len` bytes of the slot as one message to the guest the
+    /// loan was made for (`len` at most [`capacity`](SlotBytes::capacity), otherwise
+    /// `TooLarge` and the loan is returned). A guest that left meanwhile makes this
+    /// fail as `try_send` would, and the slot is returned.
+    pub fn send(mut self, meta: Meta, len: usize) -> Result<(), SendError> {
+        // Published or returned below, whatever happens: the drop has nothing to do.
+        self.done = true;
+        let (to, slot, capacity) = (self.to, self.slot, self.bytes.capacity());
+        let host = &mut *self.host;
+        let peer = to.id;
+        let segment = &host.segment;
+        let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
+        let checked = sendable(segment, &mut host.peers, to);
+        let hp = &mut host.peers[peer.index()];
+        let (entry, generation) = match checked {
+            Ok(ok) if len <= capacity => ok,
+            Ok(_) => {
+                hp.outbox.abandon(&pools, slot);
+                return Err(SendError::TooLarge { len, max: capacity });
+            }
+            Err(e) => {
+                hp.outbox.abandon(&pools, slot);
+                return Err(e);
+            }
+        };
+        let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
+        let bell = peers::doorbell(&hp.link, generation);
+        let sent = hp
+            .outbox
+            .publish(&ring, &pools, slot, meta, len, bell)
+            .map_err(|e| channel_err(hp, entry, peer, generation, e));
+        if sent.is_ok() {
             hp.stats.sent += 1;
-            Ok(())
         }
-        Err(ChannelSendError::RingFull) => Err(SendError::WouldBlockRing(peer)),
-        Err(ChannelSendError::PoolExhausted) => Err(SendError::WouldBlockPool(peer)),
-        Err(ChannelSendError::TooLarge { len, max }) => Err(SendError::TooLarge { len, max }),
-        Err(ChannelSendError::Violation(violation)) => {
-            hp.fence(entry, word.generation, violation);
-            Err(SendError::Fenced { peer, violation })
+        host.after_send(peer, &sent);
+        sent
+    }
+}
+
+impl std::ops::Deref for HostLoan<'_> {
+    type Target = SlotBytes;
+    fn deref(&self) -> &SlotBytes {
+        &self.bytes
+    }
+}
+
+impl std::ops::DerefMut for HostLoan<'_> {
+    fn deref_mut(&mut self) -> &mut SlotBytes {
+        &mut self.bytes
+    }
+}
+
+impl Drop for HostLoan<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let peer = self.to.id;
+        if let Some(pools) = self.host.segment.pools(peer, Direction::ToGuest) {
+            self.host.peers[peer.index()]
+                .outbox
+                .abandon(&pools, self.slot);
         }
     }
 }
 
 /// One non-blocking receive pass over every guest (the body of `try_recv`).
-// shm[impl shm.host.fair-recv]
 fn recv_once(
     segment: &Segment,
     table: &mut [HostPeer],
     next_recv: &mut usize,
     buf: &mut Vec<u8>,
-) -> Result<Option<Received>, RecvError> {
+) -> Result<Option<(Received, ())>, RecvError> {
+    let got = scan_once(segment, table, next_recv, |ring, pools, hp, bell| {
+        hp.inbox.recv(ring, pools, buf, bell)
+    })?;
+    Ok(got.map(|(received, _)| (received, ())))
+}
+
+/// One non-blocking zero-copy receive pass (the body of `try_recv_message`).
+fn take_once(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    next_recv: &mut usize,
+) -> Result<Option<(Received, Message)>, RecvError> {
+    let got = scan_once(segment, table, next_recv, |ring, pools, hp, bell| {
+        let Some(msg) = hp.inbox.take(ring, pools, bell)? else {
+            return Ok(None);
+        };
+        Ok(Some((msg.meta, msg.payload)))
+    })?;
+    let Some((received, (_, payload))) = got else {
+        return Ok(None);
+    };
+    let hp = &table[received.from.index()];
+    let bell = hp.link.as_ref().map(|l| l.doorbell.clone());
+    let live = Some(hp.live_views.clone());
+    let dir = Direction::ToHost;
+    // Guests send inline and slot payloads only; anything else was consumed above as
+    // a violation of `shm.ring.desc-layout` for this version.
+    match Message::new(
+        segment,
+        received.from,
+        dir,
+        received.meta,
+        payload,
+        bell,
+        live,
+    ) {
+        Some(msg) => Ok(Some((received, msg))),
+        None => {
+            let violation = Violation::DescKind {
+                kind: payload.kind(),
+            };
+            let entry = segment.peer(received.from).expect("in range");
+            table[received.from.index()].fence(entry, received.generation, violation);
+            Err(RecvError {
+                peer: received.from,
+                violation,
+            })
+        }
+    }
+}
+
+/// What one receive attempt on one guest's ring gives: its meta, and what the caller
+/// needs of it.
+trait Taken {
+    fn meta(&self) -> Meta;
+}
+
+impl Taken for Meta {
+    fn meta(&self) -> Meta {
+        *self
+    }
+}
+
+impl Taken for (Meta, shm_primitives::Payload) {
+    fn meta(&self) -> Meta {
+        self.0
+    }
+}
+
+/// One round-robin pass over every serviceable guest, trying `attempt` on each ring
+/// until one yields a message.
+// shm[impl shm.host.fair-recv]
+fn scan_once<T: Taken>(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    next_recv: &mut usize,
+    mut attempt: impl FnMut(
+        &shm_primitives::ring::RingView<'_>,
+        &shm_primitives::Pools<'_>,
+        &mut HostPeer,
+        Option<BorrowedFd<'_>>,
+    ) -> Result<Option<T>, Violation>,
+) -> Result<Option<(Received, T)>, RecvError> {
     let n = table.len();
     for k in 0..n {
         let index = (*next_recv + k) % n;
@@ -979,16 +1248,20 @@ fn recv_once(
         }
         let ring = segment.ring(peer, Direction::ToHost).expect("in range");
         let pools = segment.pools(peer, Direction::ToHost).expect("in range");
-        let bell = peers::doorbell(&hp.link, word.generation);
-        match hp.inbox.recv(&ring, &pools, buf, bell) {
-            Ok(Some(meta)) => {
+        let link = hp.link.take();
+        let bell = peers::doorbell(&link, word.generation);
+        let got = attempt(&ring, &pools, hp, bell);
+        hp.link = link;
+        match got {
+            Ok(Some(taken)) => {
                 hp.stats.received += 1;
                 *next_recv = (index + 1) % n;
-                return Ok(Some(Received {
+                let received = Received {
                     from: peer,
                     generation: word.generation,
-                    meta,
-                }));
+                    meta: taken.meta(),
+                };
+                return Ok(Some((received, taken)));
             }
             // shm[impl shm.delivery.to-host]: recycle only once drained.
             Ok(None) if word.state == PeerState::Goodbye => {

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, ExitStatus};
+use std::sync::Arc;
 use std::time::Duration;
 
 use shm_primitives::lock;
@@ -55,7 +56,8 @@ pub(crate) struct GuestLink {
     /// The generation of the incarnation (a ticket's reservation, or the generation a
     /// path guest's hello named).
     pub(crate) generation: u32,
-    pub(crate) doorbell: OwnedFd,
+    /// Shared with the views that ring it when they free one of its slots.
+    pub(crate) doorbell: Arc<OwnedFd>,
     pub(crate) pidfd: Option<OwnedFd>,
     pub(crate) child: Option<Child>,
 }

@@ -1,10 +1,11 @@
 //! The host's private state for each peer entry, and recycling.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use shm_primitives::peer::PeerEntry;
-use shm_primitives::slot::{PoolUsage, OWNER_HOST};
+use shm_primitives::slot::{PoolUsage, SlotState, OWNER_HOST};
 use shm_primitives::{Direction, Inbox, Outbox, PeerId, PeerState, PeerWord, Segment, Violation};
 
 use std::process::Child;
@@ -73,6 +74,9 @@ pub(crate) struct HostPeer {
     pub(crate) stats: PeerStats,
     /// The doorbell (and, for a spawned child, the process) of the entry's guest.
     pub(crate) link: Option<GuestLink>,
+    /// Zero-copy messages from this entry's guests the host still holds: while any
+    /// is alive, recycling keeps the ToHost slots the host has claimed.
+    pub(crate) live_views: Arc<AtomicU32>,
     /// Spawned children whose entries were recycled but that have not exited yet;
     /// reaped once they do (their descriptors are closed already).
     departed: Vec<Child>,
@@ -88,6 +92,7 @@ impl Default for HostPeer {
             fenced_generation: 0,
             stats: PeerStats::default(),
             link: None,
+            live_views: Arc::new(AtomicU32::new(0)),
             departed: Vec::new(),
         }
     }
@@ -198,11 +203,15 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     hp.stats.discarded += undelivered;
     to_guest.reset();
     to_host.reset();
+    // Slots the host still reads through live views stay Received: the views free
+    // them when dropped (the new guest's allocator skips them until then).
+    let host_views = hp.live_views.load(Ordering::Acquire) > 0;
     for dir in [Direction::ToGuest, Direction::ToHost] {
         let pools = segment.pools(peer, dir).expect("in range");
+        let keep = |s| host_views && dir == Direction::ToHost && s == SlotState::Received;
         for class in 0..pools.classes() {
             let pool = pools.class(class).expect("in range");
-            hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(|_| false));
+            hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(keep));
         }
     }
     hp.epoch = None;

@@ -287,6 +287,18 @@ pub enum Payload {
     },
 }
 
+impl Payload {
+    /// The descriptor `kind` this payload came in.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Payload::Inline { .. } => crate::desc::KIND_INLINE,
+            Payload::Slot { .. } => crate::desc::KIND_SLOT,
+            Payload::Broadcast { .. } => crate::desc::KIND_BROADCAST,
+            Payload::Large { .. } => crate::desc::KIND_LARGE,
+        }
+    }
+}
+
 /// A message taken off a ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Incoming {

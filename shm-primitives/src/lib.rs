@@ -21,6 +21,7 @@ pub mod ring;
 pub mod segment;
 pub mod slot;
 pub mod ticket;
+pub mod view;
 pub mod violation;
 pub mod wait;
 
@@ -31,6 +32,7 @@ pub use layout::{Direction, LayoutError, SegmentConfig, SegmentLayout, SlotClass
 pub use peer::{PeerId, PeerState, PeerWord};
 pub use region::{HeapRegion, MmapRegion, Region, ShmBacking};
 pub use segment::{InitError, Pools, Segment};
+pub use view::Message;
 pub use violation::Violation;
 pub use wait::{Bell, WaitPolicy};
 

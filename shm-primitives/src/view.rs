@@ -1,0 +1,281 @@
+//! Zero-copy access to payloads in shared memory: received messages whose slot stays
+//! claimed until they are dropped (`shm.slot.view`), and the byte access both views
+//! and loans offer.
+//!
+//! A payload in a slot lives in memory the other party could, if it broke the
+//! protocol, write at any time. So a view never hands out a plain `&[u8]` as a safe
+//! call: reads are copies (always sound, whatever the other side does), typed reads
+//! of plain-old-data (`bytemuck::Pod`, a copy too), or an `unsafe` borrowed slice whose
+//! caller vouches that nobody writes meanwhile — which every honest peer guarantees,
+//! since nobody but the holder may write a Received slot (`shm.slot.layout`).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::channel::Payload;
+use crate::desc::{Meta, INLINE_CAPACITY};
+use crate::layout::Direction;
+use crate::peer::PeerId;
+use crate::segment::Segment;
+
+/// A received message. Inline payloads were copied out of the descriptor; a slot
+/// payload is read in place and its slot is freed when the message is dropped.
+#[derive(Debug)]
+pub struct Message {
+    meta: Meta,
+    body: Body,
+}
+
+// Not boxed: a box would cost an allocation per received message, and a `Message` is
+// built once and moved at most a few times.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Body {
+    Inline([u8; INLINE_CAPACITY], u8),
+    Slot(SlotView),
+}
+
+/// A claimed slot: freed (and a sender parked for a slot woken) on drop.
+#[derive(Debug)]
+struct SlotView {
+    segment: Segment,
+    peer: PeerId,
+    dir: Direction,
+    class: u8,
+    index: u32,
+    generation: u32,
+    len: u32,
+    /// The slot's first byte: mapped while `segment` (which holds the mapping) lives.
+    ptr: std::ptr::NonNull<u8>,
+    /// The producer's doorbell, rung if it waits on it for a slot.
+    bell: Option<Arc<OwnedFd>>,
+    /// The receiving party's count of live views into this pool's entry (the host
+    /// keeps the slots they hold when it recycles the entry, `shm.slot.reclaim`).
+    live: Option<Arc<AtomicU32>>,
+}
+
+impl Message {
+    /// A message taken off `peer`'s ring in direction `dir`. For a slot payload the
+    /// slot must be claimed (Received) by the caller; the message frees it on drop.
+    /// Returns `None` for payload kinds that are not inline or slot.
+    pub fn new(
+        segment: &Segment,
+        peer: PeerId,
+        dir: Direction,
+        meta: Meta,
+        payload: Payload,
+        bell: Option<Arc<OwnedFd>>,
+        live: Option<Arc<AtomicU32>>,
+    ) -> Option<Self> {
+        let body = match payload {
+            Payload::Inline { data, len } => Body::Inline(data, len),
+            Payload::Slot {
+                class,
+                index,
+                generation,
+                len,
+            } => {
+                let ptr = segment.pool(peer, dir, class as usize)?.data_ptr(index)?;
+                if let Some(live) = &live {
+                    live.fetch_add(1, Ordering::Relaxed);
+                }
+                Body::Slot(SlotView {
+                    ptr,
+                    segment: segment.clone(),
+                    peer,
+                    dir,
+                    class,
+                    index,
+                    generation,
+                    len,
+                    bell,
+                    live,
+                })
+            }
+            Payload::Broadcast { .. } | Payload::Large { .. } => return None,
+        };
+        Some(Self { meta, body })
+    }
+
+    /// The message's header.
+    pub fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        match &self.body {
+            Body::Inline(_, len) => *len as usize,
+            Body::Slot(v) => v.len as usize,
+        }
+    }
+
+    /// True for an empty payload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when the payload is read in place in a slot (not copied).
+    pub fn is_zero_copy(&self) -> bool {
+        matches!(self.body, Body::Slot(_))
+    }
+
+    /// Address of the first payload byte (valid while the message lives).
+    pub fn as_ptr(&self) -> *const u8 {
+        match &self.body {
+            Body::Inline(data, _) => data.as_ptr(),
+            Body::Slot(v) => v.ptr.as_ptr().cast_const(),
+        }
+    }
+
+    /// Copies `dst.len()` payload bytes starting at `offset` into `dst`; false (and
+    /// nothing copied) when that range is not inside the payload.
+    pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> bool {
+        let fits = offset
+            .checked_add(dst.len())
+            .is_some_and(|end| end <= self.len());
+        if fits {
+            // SAFETY: the range is inside the payload (checked), which stays mapped
+            // while `self` lives; `dst` is private memory, so they cannot overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.as_ptr().add(offset),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
+        }
+        fits
+    }
+
+    /// The payload, copied into a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len()];
+        self.copy_to(0, &mut v);
+        v
+    }
+
+    /// Replaces `out`'s contents with the payload.
+    pub fn copy_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.resize(self.len(), 0);
+        self.copy_to(0, out);
+    }
+
+    /// Reads a `T` from the start of the payload (a copy; no alignment needed);
+    /// `None` when the payload is shorter than a `T`.
+    pub fn read_pod<T: bytemuck::Pod>(&self) -> Option<T> {
+        let mut value = T::zeroed();
+        self.copy_to(0, bytemuck::bytes_of_mut(&mut value))
+            .then_some(value)
+    }
+
+    /// The payload as a slice, in place.
+    ///
+    /// # Safety
+    /// No process may write the payload while the slice lives. Every honest peer
+    /// guarantees this: only the holder may write a Received slot, and the message
+    /// holds it. A peer that breaks the protocol could write it meanwhile; use the
+    /// copying reads when the other side is not trusted that far. The guarantee also
+    /// ends if the receiving host or guest is dropped (its entry's slots may then be
+    /// reclaimed).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes from `as_ptr` are mapped while `self` lives; the
+        // caller vouches that nobody writes them meanwhile.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
+    }
+}
+
+// SAFETY: the pointer is into a shared mapping that `segment` keeps alive wherever the
+// view goes, and the claimed slot is this party's until the drop frees it; the slot's
+// bytes are only read (copies, or the caller-vouched `as_slice`), so sharing a view
+// between threads is sound too.
+unsafe impl Send for SlotView {}
+// SAFETY: as for Send: `&SlotView` only reads.
+unsafe impl Sync for SlotView {}
+
+impl Drop for SlotView {
+    // shm[impl shm.slot.view]
+    // shm[impl shm.slot.free]
+    fn drop(&mut self) {
+        if let Some(pool) = self.segment.pool(self.peer, self.dir, self.class as usize) {
+            // A word changed under us means the sender broke the protocol; the slot is
+            // then not ours to free, and nothing else is to be done from a drop.
+            let _ = pool.release(self.index, self.generation);
+        }
+        if let Some(ring) = self.segment.ring(self.peer, self.dir) {
+            ring.wake_producer(self.bell.as_ref().map(|b| b.as_fd()));
+        }
+        if let Some(live) = &self.live {
+            live.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// The writable bytes of a loaned slot (`shm.slot.loan`): the sender holds the slot
+/// (Loaned), so nobody else may touch it until it is sent.
+#[derive(Debug)]
+pub struct SlotBytes {
+    ptr: std::ptr::NonNull<u8>,
+    capacity: usize,
+}
+
+// SAFETY: the pointer is into a shared mapping kept alive by whoever holds the loan
+// (it borrows the host or guest that owns the mapping), and the slot is the loan's.
+unsafe impl Send for SlotBytes {}
+
+impl SlotBytes {
+    /// The bytes of a loaned slot at `ptr` (from `PoolView::data_ptr`), `capacity`
+    /// long. The caller keeps the mapping alive and the slot Loaned while this lives.
+    pub fn new(ptr: std::ptr::NonNull<u8>, capacity: usize) -> Self {
+        Self { ptr, capacity }
+    }
+
+    /// Bytes the slot holds: the most a send of it can publish.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The slot's first byte, for writing in place (e.g. by a reader or a codec).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `src` into the slot at `offset`; false (and nothing written) when it
+    /// does not fit.
+    pub fn write_at(&mut self, offset: usize, src: &[u8]) -> bool {
+        let fits = offset
+            .checked_add(src.len())
+            .is_some_and(|end| end <= self.capacity);
+        if fits {
+            // SAFETY: in bounds (checked); `src` is private memory, so no overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    self.ptr.as_ptr().add(offset),
+                    src.len(),
+                )
+            };
+        }
+        fits
+    }
+
+    /// Writes `value`'s bytes at the start of the slot; returns the length written
+    /// (pass it to the send), or `None` when a `T` does not fit.
+    pub fn write_pod<T: bytemuck::Pod>(&mut self, value: &T) -> Option<usize> {
+        let bytes = bytemuck::bytes_of(value);
+        self.write_at(0, bytes).then_some(bytes.len())
+    }
+
+    /// The slot as a mutable slice, in place.
+    ///
+    /// # Safety
+    /// No other process may read or write the slot while the slice lives. An honest
+    /// receiver never touches a Loaned slot; one that breaks the protocol could.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `capacity` bytes from `ptr` are mapped while the loan lives; the
+        // caller vouches that no other process accesses them meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+}
