@@ -536,11 +536,7 @@ impl ShmGuest {
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
         let me = (self.id, self.generation);
         let got = recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)?;
-        match got {
-            Some(_) if self.armed_recv => self.disarm_recv(),
-            Some(_) => {}
-            None => self.watch.check_if_due(&self.segment)?,
-        }
+        self.after_try_recv(got.is_some())?;
         Ok(got)
     }
 
@@ -565,17 +561,24 @@ impl ShmGuest {
         })
     }
 
+    /// After a non-blocking receive: a message disarms the doorbell wait; nothing
+    /// runs the liveness check when it is due.
+    fn after_try_recv(&mut self, got: bool) -> Result<(), DetachedError> {
+        match got {
+            true if self.armed_recv => self.disarm_recv(),
+            true => {}
+            false => self.watch.check_if_due(&self.segment)?,
+        }
+        Ok(())
+    }
+
     /// Receives one message without copying its payload, or `None` when there is
     /// none: a slot payload is read in place and its slot is freed when the
     /// [`Message`] is dropped (`shm.slot.view`); any number may be held at once.
     pub fn try_recv_message(&mut self) -> Result<Option<Message>, RecvError> {
         let me = (self.id, self.generation);
         let got = take_once(&self.segment, me, &mut self.watch, &mut self.inbox)?;
-        match got {
-            Some(_) if self.armed_recv => self.disarm_recv(),
-            Some(_) => {}
-            None => self.watch.check_if_due(&self.segment)?,
-        }
+        self.after_try_recv(got.is_some())?;
         Ok(got)
     }
 
@@ -878,7 +881,7 @@ fn take_once(
     else {
         return Ok(None);
     };
-    let bell = Some(watch.doorbell_arc().clone());
+    let bell = Some(watch.doorbell_arc());
     let kind = msg.payload.kind();
     Message::new(
         segment,

@@ -1148,10 +1148,9 @@ fn recv_once(
     next_recv: &mut usize,
     buf: &mut Vec<u8>,
 ) -> Result<Option<(Received, ())>, RecvError> {
-    let got = scan_once(segment, table, next_recv, |ring, pools, hp, bell| {
-        hp.inbox.recv(ring, pools, buf, bell)
-    })?;
-    Ok(got.map(|(received, _)| (received, ())))
+    scan_once(segment, table, next_recv, |ring, pools, inbox, bell| {
+        Ok(inbox.recv(ring, pools, buf, bell)?.map(|meta| (meta, ())))
+    })
 }
 
 /// One non-blocking zero-copy receive pass (the body of `try_recv_message`).
@@ -1160,18 +1159,17 @@ fn take_once(
     table: &mut [HostPeer],
     next_recv: &mut usize,
 ) -> Result<Option<(Received, Message)>, RecvError> {
-    let got = scan_once(segment, table, next_recv, |ring, pools, hp, bell| {
-        let Some(msg) = hp.inbox.take(ring, pools, bell)? else {
-            return Ok(None);
-        };
-        Ok(Some((msg.meta, msg.payload)))
+    let got = scan_once(segment, table, next_recv, |ring, pools, inbox, bell| {
+        Ok(inbox
+            .take(ring, pools, bell)?
+            .map(|msg| (msg.meta, msg.payload)))
     })?;
-    let Some((received, (_, payload))) = got else {
+    let Some((received, payload)) = got else {
         return Ok(None);
     };
     let hp = &table[received.from.index()];
-    let bell = hp.link.as_ref().map(|l| l.doorbell.clone());
-    let live = Some(hp.live_views.clone());
+    let bell = hp.link.as_ref().map(|l| &l.doorbell);
+    let live = Some(&hp.live_views);
     let dir = Direction::ToHost;
     // Guests send inline and slot payloads only; anything else was consumed above as
     // a violation of `shm.ring.desc-layout` for this version.
@@ -1199,37 +1197,19 @@ fn take_once(
     }
 }
 
-/// What one receive attempt on one guest's ring gives: its meta, and what the caller
-/// needs of it.
-trait Taken {
-    fn meta(&self) -> Meta;
-}
-
-impl Taken for Meta {
-    fn meta(&self) -> Meta {
-        *self
-    }
-}
-
-impl Taken for (Meta, shm_primitives::Payload) {
-    fn meta(&self) -> Meta {
-        self.0
-    }
-}
-
 /// One round-robin pass over every serviceable guest, trying `attempt` on each ring
-/// until one yields a message.
+/// until one yields a message (its meta, and whatever else the caller needs of it).
 // shm[impl shm.host.fair-recv]
-fn scan_once<T: Taken>(
+fn scan_once<T>(
     segment: &Segment,
     table: &mut [HostPeer],
     next_recv: &mut usize,
     mut attempt: impl FnMut(
         &shm_primitives::ring::RingView<'_>,
         &shm_primitives::Pools<'_>,
-        &mut HostPeer,
+        &mut shm_primitives::Inbox,
         Option<BorrowedFd<'_>>,
-    ) -> Result<Option<T>, Violation>,
+    ) -> Result<Option<(Meta, T)>, Violation>,
 ) -> Result<Option<(Received, T)>, RecvError> {
     let n = table.len();
     for k in 0..n {
@@ -1248,18 +1228,15 @@ fn scan_once<T: Taken>(
         }
         let ring = segment.ring(peer, Direction::ToHost).expect("in range");
         let pools = segment.pools(peer, Direction::ToHost).expect("in range");
-        let link = hp.link.take();
-        let bell = peers::doorbell(&link, word.generation);
-        let got = attempt(&ring, &pools, hp, bell);
-        hp.link = link;
-        match got {
-            Ok(Some(taken)) => {
+        let bell = peers::doorbell(&hp.link, word.generation);
+        match attempt(&ring, &pools, &mut hp.inbox, bell) {
+            Ok(Some((meta, taken))) => {
                 hp.stats.received += 1;
                 *next_recv = (index + 1) % n;
                 let received = Received {
                     from: peer,
                     generation: word.generation,
-                    meta: taken.meta(),
+                    meta,
                 };
                 return Ok(Some((received, taken)));
             }

@@ -65,8 +65,8 @@ impl Message {
         dir: Direction,
         meta: Meta,
         payload: Payload,
-        bell: Option<Arc<OwnedFd>>,
-        live: Option<Arc<AtomicU32>>,
+        bell: Option<&Arc<OwnedFd>>,
+        live: Option<&Arc<AtomicU32>>,
     ) -> Option<Self> {
         let body = match payload {
             Payload::Inline { data, len } => Body::Inline(data, len),
@@ -77,6 +77,8 @@ impl Message {
                 len,
             } => {
                 let ptr = segment.pool(peer, dir, class as usize)?.data_ptr(index)?;
+                // Only a slot view keeps these (inline messages cost no refcount).
+                let (bell, live) = (bell.cloned(), live.cloned());
                 if let Some(live) = &live {
                     live.fetch_add(1, Ordering::Relaxed);
                 }
