@@ -31,14 +31,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shm_primitives::channel::copy_out;
 use shm_primitives::crash::{self, CrashPoint};
+use shm_primitives::desc::Body;
 use shm_primitives::doorbell::{self, Hello};
 use shm_primitives::header::HEADER_SIZE;
+pub use shm_primitives::large_link::LargeSendError;
+use shm_primitives::large_link::{LargeOutbox, MAX_LARGE_PAYLOAD};
 use shm_primitives::lock;
 use shm_primitives::slot::owner_word;
 use shm_primitives::view::SlotBytes;
 pub use shm_primitives::Message;
-use shm_primitives::{ChannelSendError, Inbox, MmapRegion, Outbox, PeerWord, Segment, SlotLoan};
+use shm_primitives::{
+    ChannelSendError, Inbox, MmapRegion, Outbox, Payload, PeerWord, Segment, SlotLoan,
+};
 pub use shm_primitives::{
     Direction, HeaderError, Meta, MsgKind, PeerId, PeerState, ShmBacking, Violation, WaitPolicy,
     INLINE_CAPACITY,
@@ -163,12 +169,21 @@ pub enum SendError {
     /// A blocking send found no ring space or slot before its timeout.
     #[error("no room towards the host before the timeout")]
     TimedOut,
+    /// A payload larger than the largest slot class could not be passed as a memory
+    /// file (`shm.msg.large`).
+    #[error("large payload: {0}")]
+    Large(#[from] LargeSendError),
 }
 
 impl SendError {
     /// True for the back-pressure errors a caller should retry.
     pub fn is_would_block(&self) -> bool {
-        matches!(self, SendError::WouldBlockRing | SendError::WouldBlockPool)
+        matches!(
+            self,
+            SendError::WouldBlockRing
+                | SendError::WouldBlockPool
+                | SendError::Large(LargeSendError::WouldBlock)
+        )
     }
 }
 
@@ -215,6 +230,8 @@ pub struct ShmGuest {
     id: PeerId,
     generation: u32,
     outbox: Outbox,
+    /// Numbers the large payloads this guest passes to the host.
+    large_out: LargeOutbox,
     inbox: Inbox,
     report: AttachReport,
     attached: bool,
@@ -372,6 +389,7 @@ impl ShmGuest {
             id,
             generation,
             outbox: Outbox::new(owner_word(id.get(), generation)),
+            large_out: LargeOutbox::default(),
             inbox: Inbox::new(owner_word(id.get(), generation)),
             report,
             attached: true,
@@ -484,8 +502,14 @@ impl ShmGuest {
         self.segment.header().segment_id()
     }
 
-    /// The largest payload one message can carry.
+    /// The largest payload one message can carry: [`MAX_LARGE_PAYLOAD`] (payloads
+    /// above [`max_slot_payload`](Self::max_slot_payload) travel in a memory file).
     pub fn max_payload(&self) -> usize {
+        MAX_LARGE_PAYLOAD
+    }
+
+    /// The largest payload that travels in a slot (the largest class's slot size).
+    pub fn max_slot_payload(&self) -> usize {
         self.segment.layout().config.max_slot_payload()
     }
 
@@ -497,7 +521,7 @@ impl ShmGuest {
             &self.segment,
             me,
             &mut self.watch,
-            &mut self.outbox,
+            (&mut self.outbox, &mut self.large_out),
             meta,
             payload,
         );
@@ -668,7 +692,7 @@ impl ShmGuest {
             &self.segment,
             me,
             &mut self.watch,
-            &mut self.outbox,
+            (&mut self.outbox, &mut self.large_out),
             meta,
             payload,
         ) {
@@ -684,7 +708,7 @@ impl ShmGuest {
                         &self.segment,
                         me,
                         &mut self.watch,
-                        &mut self.outbox,
+                        (&mut self.outbox, &mut self.large_out),
                         meta,
                         payload,
                     );
@@ -773,22 +797,61 @@ fn send_once(
     segment: &Segment,
     me: (PeerId, u32),
     watch: &mut HostWatch,
-    outbox: &mut Outbox,
+    (outbox, large): (&mut Outbox, &mut LargeOutbox),
     meta: Meta,
     payload: &[u8],
 ) -> Result<(), SendError> {
     check_attached(segment, me, watch)?;
     let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
-    let pools = segment
-        .pools(me.0, Direction::ToHost)
-        .expect("validated id");
     let bell = Some(watch.doorbell());
-    outbox
-        .send(&ring, &pools, meta, payload, bell)
-        .map_err(send_err)?;
+    if payload.len() > segment.layout().config.max_slot_payload() {
+        send_large(&ring, watch.doorbell(), outbox, large, meta, payload)?;
+    } else {
+        let pools = segment
+            .pools(me.0, Direction::ToHost)
+            .expect("validated id");
+        outbox
+            .send(&ring, &pools, meta, payload, bell)
+            .map_err(send_err)?;
+    }
     // shm[impl shm.wake.host-bell]: after every publish, a syscall only if parked.
     segment.header().ring_host_bell(bell);
     Ok(())
+}
+
+/// Sends a payload above the largest slot class in a sealed memory file passed on
+/// the doorbell (`shm.msg.large`): room in the ring first (this guest is the ring's
+/// only producer, so it stays), then the file, then the descriptor naming it.
+#[cold]
+fn send_large(
+    ring: &shm_primitives::ring::RingView<'_>,
+    doorbell: BorrowedFd<'_>,
+    outbox: &mut Outbox,
+    large: &mut LargeOutbox,
+    meta: Meta,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    if payload.len() > MAX_LARGE_PAYLOAD {
+        return Err(SendError::TooLarge {
+            len: payload.len(),
+            max: MAX_LARGE_PAYLOAD,
+        });
+    }
+    if !outbox.has_space(ring).map_err(SendError::Violation)? {
+        return Err(SendError::WouldBlockRing);
+    }
+    let mut buffer = LargeOutbox::buffer(payload.len())?;
+    buffer.write_at(0, payload);
+    let seq = large.pass(buffer, doorbell)?;
+    outbox
+        .push(
+            ring,
+            meta,
+            payload.len() as u32,
+            Body::Large { seq },
+            Some(doorbell),
+        )
+        .map_err(send_err)
 }
 
 fn send_err(e: ChannelSendError) -> SendError {
@@ -881,6 +944,10 @@ fn take_once(
     else {
         return Ok(None);
     };
+    if let Payload::Large { seq, len } = msg.payload {
+        let view = open_large(watch, seq, len)?;
+        return Ok(Some(Message::large(msg.meta, view)));
+    }
     let bell = Some(watch.doorbell_arc());
     let kind = msg.payload.kind();
     Message::new(
@@ -893,8 +960,21 @@ fn take_once(
         None,
     )
     .map(Some)
-    // Broadcast and large payloads are not sent to guests by this version.
     .ok_or(RecvError::Violation(Violation::DescKind { kind }))
+}
+
+/// Maps the memory file of a large payload the host announced.
+#[cold]
+fn open_large(
+    watch: &mut HostWatch,
+    seq: u64,
+    len: u32,
+) -> Result<shm_primitives::large::LargeView, RecvError> {
+    let doorbell = Arc::clone(watch.doorbell_arc());
+    watch
+        .large_in
+        .open(doorbell.as_fd(), seq, len)
+        .map_err(RecvError::Violation)
 }
 
 /// One non-blocking receive (the body of `try_recv`).
@@ -912,9 +992,23 @@ fn recv_once(
     let pools = segment
         .pools(me.0, Direction::ToGuest)
         .expect("validated id");
-    inbox
-        .recv(&ring, &pools, buf, Some(watch.doorbell()))
-        .map_err(RecvError::Violation)
+    let bell = Some(watch.doorbell());
+    let Some(msg) = inbox
+        .take(&ring, &pools, bell)
+        .map_err(RecvError::Violation)?
+    else {
+        return Ok(None);
+    };
+    match msg.payload {
+        Payload::Large { seq, len } => {
+            let view = open_large(watch, seq, len)?;
+            buf.clear();
+            buf.resize(view.len(), 0);
+            view.copy_to(0, buf);
+        }
+        payload => copy_out(&ring, &pools, payload, buf, bell).map_err(RecvError::Violation)?,
+    }
+    Ok(Some(msg.meta))
 }
 
 fn open_waiting(

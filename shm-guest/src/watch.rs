@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use shm_primitives::doorbell::{self, Drained};
+use shm_primitives::doorbell::Drained;
+use shm_primitives::large_link::LargeInbox;
 use shm_primitives::{lock, Segment};
 
 use crate::DetachedError;
@@ -35,6 +36,9 @@ pub(crate) struct HostWatch {
     doorbell: Arc<OwnedFd>,
     last_beat: u64,
     last_beat_change: Instant,
+    /// Memory files of large payloads the host passed on the doorbell, waiting for
+    /// their descriptors (`shm.msg.large`).
+    pub(crate) large_in: LargeInbox,
     /// Sticky: once the host is gone, every call reports it.
     gone: Option<DetachedError>,
 }
@@ -48,6 +52,7 @@ impl HostWatch {
             doorbell: Arc::new(doorbell),
             last_beat: segment.header().heartbeat(),
             last_beat_change: now,
+            large_in: LargeInbox::default(),
             gone: None,
         }
     }
@@ -70,10 +75,11 @@ impl HostWatch {
         self.interval
     }
 
-    /// Consumes the doorbell's pending rings before a wait on it. Its end of stream
-    /// means the host is gone (or closed the segment: the closed flag says which).
+    /// Consumes the doorbell's pending rings (keeping any files passed on it) before
+    /// a wait on it. Its end of stream means the host is gone (or closed the segment:
+    /// the closed flag says which).
     pub(crate) fn drain_doorbell(&mut self, segment: &Segment) -> Result<(), DetachedError> {
-        if doorbell::drain(self.doorbell.as_fd()) == Drained::HungUp {
+        if self.large_in.drain(self.doorbell.as_fd()) == Drained::HungUp {
             self.check_cheap(segment)?;
             return Err(*self
                 .gone

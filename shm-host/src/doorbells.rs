@@ -111,7 +111,7 @@ impl Doorbells {
     /// Consumes every pending ring without blocking. A doorbell that hung up or a
     /// pidfd that fired leaves the set (it would stay readable until the liveness
     /// check recovers the entry) and is reported as a death to check for.
-    pub(crate) fn drain(&mut self, peers: &[HostPeer]) -> Drain {
+    pub(crate) fn drain(&mut self, peers: &mut [HostPeer]) -> Drain {
         let mut out = Drain::default();
         let cap = (peers.len() * 2 + 1).max(1);
         self.events.clear();
@@ -137,7 +137,7 @@ impl Doorbells {
                 continue;
             }
             let index = (token & 0xffff_ffff) as usize;
-            let Some(link) = peers.get(index).and_then(|p| p.link.as_ref()) else {
+            let Some(link) = peers.get_mut(index).and_then(|p| p.link.as_mut()) else {
                 continue;
             };
             if token >= PIDFD {
@@ -145,7 +145,7 @@ impl Doorbells {
                     self.unwatch(pidfd.as_fd());
                 }
                 out.death = true;
-            } else if doorbell::drain(link.doorbell.as_fd()) == Drained::HungUp {
+            } else if link.large_in.drain(link.doorbell.as_fd()) == Drained::HungUp {
                 self.unwatch(link.doorbell.as_fd());
                 out.death = true;
             }
@@ -202,6 +202,7 @@ impl Doorbells {
             doorbell: std::sync::Arc::new(fd),
             pidfd: None,
             child: None,
+            large_in: Default::default(),
         };
         // From pending to the entry's own token, level-triggered like every doorbell.
         let level = libc::EPOLLIN as u32;

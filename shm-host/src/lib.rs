@@ -32,8 +32,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shm_primitives::channel::copy_out;
+use shm_primitives::desc::Body;
+use shm_primitives::large::LargeView;
+pub use shm_primitives::large_link::LargeSendError;
+use shm_primitives::large_link::{LargeOutbox, MAX_LARGE_PAYLOAD};
 use shm_primitives::view::SlotBytes;
 pub use shm_primitives::Message;
+use shm_primitives::Payload;
 use shm_primitives::{ChannelSendError, InitError, MmapRegion, Segment, SlotLoan};
 pub use shm_primitives::{
     Direction, HeapRegion, LayoutError, Meta, MsgKind, PeerId, PeerState, SegmentConfig,
@@ -117,6 +123,14 @@ pub enum SendError {
     /// A blocking send found no ring space or slot before its timeout.
     #[error("no room towards {0} before the timeout")]
     TimedOut(PeerId),
+    /// A payload larger than the largest slot class could not be passed as a memory
+    /// file (`shm.msg.large`).
+    #[error("large payload: {0}")]
+    Large(#[from] LargeSendError),
+    /// The guest's doorbell is not linked yet (a path guest whose connection the host
+    /// has not accepted), so no memory file can be passed to it: retry.
+    #[error("{0} has no doorbell linked yet")]
+    NoDoorbell(PeerId),
     /// The handle names a guest incarnation that is gone: the entry now holds
     /// generation `now` (`shm.recover.stale-handle`).
     #[error("{} generation {} is gone (entry now at generation {now})", handle.id, handle.generation)]
@@ -133,7 +147,10 @@ impl SendError {
     pub fn is_would_block(&self) -> bool {
         matches!(
             self,
-            SendError::WouldBlockRing(_) | SendError::WouldBlockPool(_)
+            SendError::WouldBlockRing(_)
+                | SendError::WouldBlockPool(_)
+                | SendError::NoDoorbell(_)
+                | SendError::Large(LargeSendError::WouldBlock)
         )
     }
 }
@@ -335,8 +352,14 @@ impl ShmHost {
         self.segment_id
     }
 
-    /// The largest payload one message can carry.
+    /// The largest payload one message can carry: [`MAX_LARGE_PAYLOAD`] (payloads
+    /// above [`max_slot_payload`](Self::max_slot_payload) travel in a memory file).
     pub fn max_payload(&self) -> usize {
+        MAX_LARGE_PAYLOAD
+    }
+
+    /// The largest payload that travels in a slot (the largest class's slot size).
+    pub fn max_slot_payload(&self) -> usize {
         self.config().max_slot_payload()
     }
 
@@ -411,9 +434,20 @@ impl ShmHost {
         payload: &[u8],
     ) -> Result<(), SendError> {
         let to = to.into();
+        self.link_for_large(to.id, payload.len());
         let sent = send_once(&self.segment, &mut self.peers, to, meta, payload);
         self.after_send(to.id, &sent);
         sent
+    }
+
+    /// Before a large send to a guest whose doorbell is not linked yet: accepts
+    /// pending connections, so a path guest that just attached can take a file.
+    #[inline]
+    fn link_for_large(&mut self, to: PeerId, len: usize) {
+        let unlinked = self.peers.get(to.index()).is_some_and(|p| p.link.is_none());
+        if unlinked && len > self.max_slot_payload() {
+            self.doorbells.accept(&self.segment, &mut self.peers);
+        }
     }
 
     /// Receives one message from any guest into `buf` (replacing its contents).
@@ -427,7 +461,7 @@ impl ShmHost {
     /// When no guest has anything, and at most once per liveness interval, it also
     /// checks which guests died and recovers their entries (`shm.live.tick`).
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, RecvError> {
-        let got = recv_once(&self.segment, &mut self.peers, &mut self.next_recv, buf)?;
+        let got = recv_once(self.scan(), buf)?;
         match got {
             Some((msg, ())) => self.after_recv(msg.from),
             None => self.check_liveness_if_due(),
@@ -451,7 +485,7 @@ impl ShmHost {
         buf: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<Received>, RecvError> {
-        let got = self.recv_with(timeout, |seg, peers, next| recv_once(seg, peers, next, buf))?;
+        let got = self.recv_with(timeout, |scan| recv_once(scan, buf))?;
         Ok(got.map(|(r, ())| r))
     }
 
@@ -460,7 +494,7 @@ impl ShmHost {
     /// its slot is freed when the [`Message`] is dropped (`shm.slot.view`). Any
     /// number may be held at once, and they may outlive their guest.
     pub fn try_recv_message(&mut self) -> Result<Option<(Received, Message)>, RecvError> {
-        let got = take_once(&self.segment, &mut self.peers, &mut self.next_recv)?;
+        let got = take_once(self.scan())?;
         match &got {
             Some((r, _)) => self.after_recv(r.from),
             None => self.check_liveness_if_due(),
@@ -481,14 +515,10 @@ impl ShmHost {
     fn recv_with<T>(
         &mut self,
         timeout: Duration,
-        mut once: impl FnMut(
-            &Segment,
-            &mut [HostPeer],
-            &mut usize,
-        ) -> Result<Option<(Received, T)>, RecvError>,
+        mut once: impl FnMut(Scan<'_>) -> Result<Option<(Received, T)>, RecvError>,
     ) -> Result<Option<(Received, T)>, RecvError> {
         // Fast path: no clock read when a message is already waiting.
-        if let Some(got) = once(&self.segment, &mut self.peers, &mut self.next_recv)? {
+        if let Some(got) = once(self.scan())? {
             self.after_recv(got.0.from);
             return Ok(Some(got));
         }
@@ -498,7 +528,12 @@ impl ShmHost {
             let slice = slice_until(deadline, self.liveness_interval);
             let bell = self.segment.header().host_bell();
             let got = shm_primitives::wait::wait_for(self.wait, slice, &bell, || {
-                once(&self.segment, &mut self.peers, &mut self.next_recv)
+                once(Scan {
+                    segment: &self.segment,
+                    table: &mut self.peers,
+                    next_recv: &mut self.next_recv,
+                    doorbells: &mut self.doorbells,
+                })
             })?;
             if let Some(msg) = got {
                 self.after_recv(msg.0.from);
@@ -508,6 +543,17 @@ impl ShmHost {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
+        }
+    }
+
+    /// What one receive pass needs of the host.
+    #[inline]
+    fn scan(&mut self) -> Scan<'_> {
+        Scan {
+            segment: &self.segment,
+            table: &mut self.peers,
+            next_recv: &mut self.next_recv,
+            doorbells: &mut self.doorbells,
         }
     }
 
@@ -538,6 +584,7 @@ impl ShmHost {
         timeout: Duration,
     ) -> Result<(), SendError> {
         let to = to.into();
+        self.link_for_large(to.id, payload.len());
         // Fast path: no clock read when there is room.
         match send_once(&self.segment, &mut self.peers, to, meta, payload) {
             Err(e) if e.is_would_block() => {}
@@ -629,6 +676,7 @@ impl ShmHost {
             doorbell: Arc::new(host_end),
             pidfd: None,
             child: None,
+            large_in: Default::default(),
         };
         self.doorbells.watch_link(handle.id.index(), &link);
         self.peers[handle.id.index()].link = Some(link);
@@ -768,7 +816,7 @@ impl ShmHost {
 
     /// Drains the doorbell set and acts on what it found.
     fn service_doorbells(&mut self) {
-        let found = self.doorbells.drain(&self.peers);
+        let found = self.doorbells.drain(&mut self.peers);
         if found.connecting {
             self.doorbells.accept(&self.segment, &mut self.peers);
         }
@@ -971,8 +1019,22 @@ fn send_once(
     let (entry, generation) = sendable(segment, table, to)?;
     let hp = &mut table[peer.index()];
     let ring = segment.ring(peer, Direction::ToGuest).expect("in range");
-    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
     let bell = peers::doorbell(&hp.link, generation);
+    if payload.len() > segment.layout().config.max_slot_payload() {
+        let bell = bell.ok_or(SendError::NoDoorbell(peer))?;
+        send_large(
+            &ring,
+            bell,
+            &mut hp.outbox,
+            &mut hp.large_out,
+            meta,
+            payload,
+        )
+        .map_err(|e| e.into_send_error(hp, entry, peer, generation))?;
+        hp.stats.sent += 1;
+        return Ok(());
+    }
+    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
     match hp.outbox.send(&ring, &pools, meta, payload, bell) {
         Ok(()) => {
             hp.stats.sent += 1;
@@ -980,6 +1042,62 @@ fn send_once(
         }
         Err(e) => Err(channel_err(hp, entry, peer, generation, e)),
     }
+}
+
+/// Why a large send failed, before it is mapped to the API's error.
+enum LargeFailure {
+    TooLarge(usize),
+    Channel(ChannelSendError),
+    Pass(LargeSendError),
+}
+
+impl LargeFailure {
+    fn into_send_error(
+        self,
+        hp: &mut HostPeer,
+        entry: &shm_primitives::peer::PeerEntry,
+        peer: PeerId,
+        generation: u32,
+    ) -> SendError {
+        match self {
+            LargeFailure::TooLarge(len) => SendError::TooLarge {
+                len,
+                max: MAX_LARGE_PAYLOAD,
+            },
+            LargeFailure::Channel(e) => channel_err(hp, entry, peer, generation, e),
+            LargeFailure::Pass(e) => SendError::Large(e),
+        }
+    }
+}
+
+/// Sends a payload above the largest slot class in a sealed memory file passed on
+/// the guest's doorbell (`shm.msg.large`): room in the ring first (the host is the
+/// ring's only producer, so it stays), then the file, then the descriptor naming it.
+// shm[impl shm.msg.large]
+#[cold]
+fn send_large(
+    ring: &shm_primitives::ring::RingView<'_>,
+    doorbell: BorrowedFd<'_>,
+    outbox: &mut shm_primitives::Outbox,
+    large: &mut LargeOutbox,
+    meta: Meta,
+    payload: &[u8],
+) -> Result<(), LargeFailure> {
+    if payload.len() > MAX_LARGE_PAYLOAD {
+        return Err(LargeFailure::TooLarge(payload.len()));
+    }
+    match outbox.has_space(ring) {
+        Ok(true) => {}
+        Ok(false) => return Err(LargeFailure::Channel(ChannelSendError::RingFull)),
+        Err(v) => return Err(LargeFailure::Channel(ChannelSendError::Violation(v))),
+    }
+    let mut buffer = LargeOutbox::buffer(payload.len()).map_err(LargeFailure::Pass)?;
+    buffer.write_at(0, payload);
+    let seq = large.pass(buffer, doorbell).map_err(LargeFailure::Pass)?;
+    let len = payload.len() as u32;
+    outbox
+        .push(ring, meta, len, Body::Large { seq }, Some(doorbell))
+        .map_err(LargeFailure::Channel)
 }
 
 /// Checks that `to` names an attached guest; its entry and generation.
@@ -1141,24 +1259,55 @@ impl Drop for HostLoan<'_> {
     }
 }
 
+/// What one non-blocking receive pass works on: the host's fields it needs, borrowed
+/// apart from the bell a blocking receive waits on.
+struct Scan<'h> {
+    segment: &'h Segment,
+    table: &'h mut [HostPeer],
+    next_recv: &'h mut usize,
+    doorbells: &'h mut Doorbells,
+}
+
 /// One non-blocking receive pass over every guest (the body of `try_recv`).
-fn recv_once(
-    segment: &Segment,
-    table: &mut [HostPeer],
-    next_recv: &mut usize,
-    buf: &mut Vec<u8>,
-) -> Result<Option<(Received, ())>, RecvError> {
-    scan_once(segment, table, next_recv, |ring, pools, inbox, bell| {
-        Ok(inbox.recv(ring, pools, buf, bell)?.map(|meta| (meta, ())))
-    })
+fn recv_once(scan: Scan<'_>, buf: &mut Vec<u8>) -> Result<Option<(Received, ())>, RecvError> {
+    // Inline and slot payloads are copied in the pass; a large one is opened after it.
+    let got = scan_once(
+        scan.segment,
+        scan.table,
+        scan.next_recv,
+        |ring, pools, inbox, bell| {
+            let Some(msg) = inbox.take(ring, pools, bell)? else {
+                return Ok(None);
+            };
+            match msg.payload {
+                Payload::Large { seq, len } => Ok(Some((msg.meta, Some((seq, len))))),
+                payload => {
+                    copy_out(ring, pools, payload, buf, bell)?;
+                    Ok(Some((msg.meta, None)))
+                }
+            }
+        },
+    )?;
+    let Some((received, large)) = got else {
+        return Ok(None);
+    };
+    if let Some((seq, len)) = large {
+        let view = open_large(scan.segment, scan.table, scan.doorbells, received, seq, len)?;
+        buf.clear();
+        buf.resize(view.len(), 0);
+        view.copy_to(0, buf);
+    }
+    Ok(Some((received, ())))
 }
 
 /// One non-blocking zero-copy receive pass (the body of `try_recv_message`).
-fn take_once(
-    segment: &Segment,
-    table: &mut [HostPeer],
-    next_recv: &mut usize,
-) -> Result<Option<(Received, Message)>, RecvError> {
+fn take_once(scan: Scan<'_>) -> Result<Option<(Received, Message)>, RecvError> {
+    let Scan {
+        segment,
+        table,
+        next_recv,
+        doorbells,
+    } = scan;
     let got = scan_once(segment, table, next_recv, |ring, pools, inbox, bell| {
         Ok(inbox
             .take(ring, pools, bell)?
@@ -1167,12 +1316,16 @@ fn take_once(
     let Some((received, payload)) = got else {
         return Ok(None);
     };
+    if let Payload::Large { seq, len } = payload {
+        let view = open_large(segment, table, doorbells, received, seq, len)?;
+        return Ok(Some((received, Message::large(received.meta, view))));
+    }
     let hp = &table[received.from.index()];
     let bell = hp.link.as_ref().map(|l| &l.doorbell);
     let live = Some(&hp.live_views);
     let dir = Direction::ToHost;
-    // Guests send inline and slot payloads only; anything else was consumed above as
-    // a violation of `shm.ring.desc-layout` for this version.
+    // Guests send inline, slot and large payloads only; anything else was consumed
+    // above as a violation of `shm.ring.desc-layout`.
     match Message::new(
         segment,
         received.from,
@@ -1183,17 +1336,62 @@ fn take_once(
         live,
     ) {
         Some(msg) => Ok(Some((received, msg))),
-        None => {
-            let violation = Violation::DescKind {
+        None => Err(fence_sender(
+            segment,
+            table,
+            received,
+            Violation::DescKind {
                 kind: payload.kind(),
-            };
-            let entry = segment.peer(received.from).expect("in range");
-            table[received.from.index()].fence(entry, received.generation, violation);
-            Err(RecvError {
-                peer: received.from,
-                violation,
-            })
+            },
+        )),
+    }
+}
+
+/// Maps the memory file of a large payload a guest announced, from the files its
+/// doorbell carried (`shm.msg.large`). A path guest's doorbell may still be waiting
+/// to be accepted: it is, first.
+#[cold]
+fn open_large(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    doorbells: &mut Doorbells,
+    received: Received,
+    seq: u64,
+    len: u32,
+) -> Result<LargeView, RecvError> {
+    let index = received.from.index();
+    if table[index].link.is_none() {
+        doorbells.accept(segment, table);
+    }
+    let link = table[index]
+        .link
+        .as_mut()
+        .filter(|l| l.generation == received.generation);
+    let opened = match link {
+        Some(link) => {
+            let doorbell = Arc::clone(&link.doorbell);
+            link.large_in.open(doorbell.as_fd(), seq, len)
         }
+        None => Err(Violation::Large {
+            seq,
+            reason: "the sender has no doorbell to pass its file on",
+        }),
+    };
+    opened.map_err(|violation| fence_sender(segment, table, received, violation))
+}
+
+/// Fences the guest a received message came from; the error to report.
+fn fence_sender(
+    segment: &Segment,
+    table: &mut [HostPeer],
+    received: Received,
+    violation: Violation,
+) -> RecvError {
+    let entry = segment.peer(received.from).expect("in range");
+    table[received.from.index()].fence(entry, received.generation, violation);
+    RecvError {
+        peer: received.from,
+        violation,
     }
 }
 

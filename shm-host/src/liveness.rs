@@ -7,6 +7,7 @@ use std::process::{Child, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shm_primitives::large_link::LargeInbox;
 use shm_primitives::lock;
 use shm_primitives::PeerId;
 
@@ -60,6 +61,9 @@ pub(crate) struct GuestLink {
     pub(crate) doorbell: Arc<OwnedFd>,
     pub(crate) pidfd: Option<OwnedFd>,
     pub(crate) child: Option<Child>,
+    /// Memory files of large payloads the guest passed on the doorbell, waiting for
+    /// their descriptors (`shm.msg.large`); closed with the link.
+    pub(crate) large_in: LargeInbox,
 }
 
 impl GuestLink {

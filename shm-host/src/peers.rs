@@ -4,6 +4,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use shm_primitives::large_link::LargeOutbox;
 use shm_primitives::peer::PeerEntry;
 use shm_primitives::slot::{PoolUsage, SlotState, OWNER_HOST};
 use shm_primitives::{Direction, Inbox, Outbox, PeerId, PeerState, PeerWord, Segment, Violation};
@@ -67,6 +68,8 @@ pub(crate) struct HostPeer {
     /// Generation of the guest our outbox/inbox belong to.
     epoch: Option<u32>,
     pub(crate) outbox: Outbox,
+    /// Numbers the large payloads sent to the entry's current guest.
+    pub(crate) large_out: LargeOutbox,
     pub(crate) inbox: Inbox,
     pub(crate) fenced: Option<Violation>,
     /// The generation the entry held when the host fenced it.
@@ -87,6 +90,7 @@ impl Default for HostPeer {
         Self {
             epoch: None,
             outbox: Outbox::new(OWNER_HOST),
+            large_out: LargeOutbox::default(),
             inbox: Inbox::new(OWNER_HOST),
             fenced: None,
             fenced_generation: 0,
@@ -118,6 +122,7 @@ impl HostPeer {
         {
             self.epoch = Some(word.generation);
             self.outbox = Outbox::new(OWNER_HOST);
+            self.large_out = LargeOutbox::default();
             self.inbox = Inbox::new(OWNER_HOST);
         }
         Ok(word)

@@ -315,6 +315,23 @@ impl LargeBuffer {
     }
 }
 
+/// The sequence number in the header of a received large-payload file, read without
+/// mapping it (to tell an orphan from the file a descriptor names; [`LargeView::open`]
+/// checks everything again). `None` when the file is too short or cannot be read.
+pub fn header_seq(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: pread writes at most 8 bytes into our local buffer.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            bytes.as_mut_ptr().cast(),
+            bytes.len(),
+            SEQ_AT as libc::off_t,
+        )
+    };
+    (n == 8).then(|| u64::from_le_bytes(bytes))
+}
+
 /// The receiving side of a large payload: a read-only mapping of a received memfd,
 /// checked by [`open`](Self::open). Unmapped and closed on drop.
 #[derive(Debug)]

@@ -13,6 +13,7 @@ pub mod freelist;
 pub mod futex;
 pub mod header;
 pub mod large;
+pub mod large_link;
 pub mod layout;
 pub mod lock;
 pub mod peer;

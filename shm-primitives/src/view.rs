@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::channel::Payload;
 use crate::desc::{Meta, INLINE_CAPACITY};
+use crate::large::LargeView;
 use crate::layout::Direction;
 use crate::peer::PeerId;
 use crate::segment::Segment;
@@ -34,6 +35,9 @@ pub struct Message {
 enum Body {
     Inline([u8; INLINE_CAPACITY], u8),
     Slot(SlotView),
+    /// A payload in a memory file passed on the doorbell (`shm.msg.large`): unmapped
+    /// and closed on drop.
+    Large(LargeView),
 }
 
 /// A claimed slot: freed (and a sender parked for a slot woken) on drop.
@@ -100,6 +104,15 @@ impl Message {
         Some(Self { meta, body })
     }
 
+    /// A message whose payload arrived in a memory file (`shm.msg.large`), already
+    /// opened and checked.
+    pub fn large(meta: Meta, view: LargeView) -> Self {
+        Self {
+            meta,
+            body: Body::Large(view),
+        }
+    }
+
     /// The message's header.
     pub fn meta(&self) -> Meta {
         self.meta
@@ -110,6 +123,7 @@ impl Message {
         match &self.body {
             Body::Inline(_, len) => *len as usize,
             Body::Slot(v) => v.len as usize,
+            Body::Large(v) => v.len(),
         }
     }
 
@@ -120,7 +134,17 @@ impl Message {
 
     /// True when the payload is read in place in a slot (not copied).
     pub fn is_zero_copy(&self) -> bool {
-        matches!(self.body, Body::Slot(_))
+        matches!(self.body, Body::Slot(_) | Body::Large(_))
+    }
+
+    /// The payload as a plain slice when nobody can change it any more: a large
+    /// payload whose file the sender sealed against writes (`F_SEAL_WRITE`). `None`
+    /// for other payloads (use the copying reads, or [`as_slice`](Self::as_slice)).
+    pub fn sealed_slice(&self) -> Option<&[u8]> {
+        match &self.body {
+            Body::Large(v) => v.sealed_slice(),
+            _ => None,
+        }
     }
 
     /// Address of the first payload byte (valid while the message lives).
@@ -128,6 +152,7 @@ impl Message {
         match &self.body {
             Body::Inline(data, _) => data.as_ptr(),
             Body::Slot(v) => v.ptr.as_ptr().cast_const(),
+            Body::Large(v) => v.as_ptr(),
         }
     }
 
