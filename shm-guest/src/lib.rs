@@ -133,6 +133,10 @@ pub enum AttachError {
     /// The spawn ticket (arguments or environment) is missing or invalid.
     #[error(transparent)]
     Ticket(#[from] TicketError),
+    /// The ring this guest would resume holds impossible counters (the entry is
+    /// given back).
+    #[error("the entry's ring cannot be resumed: {0}")]
+    Violation(Violation),
     /// A system call failed.
     #[error("{op}: {source}")]
     Io {
@@ -383,14 +387,28 @@ impl ShmGuest {
             }
         };
         report.elapsed = start.elapsed();
+        // An entry retained for us (at-least-once delivery) has undelivered messages
+        // from where our predecessor stopped; any other entry's ring is at zero.
+        // shm[impl shm.delivery.at-least-once]
+        let ring = segment.ring(id, Direction::ToGuest).expect("claimed id");
+        let owner = owner_word(id.get(), generation);
+        let inbox = match Inbox::resume(&ring, owner) {
+            Ok(inbox) => inbox,
+            Err(violation) => {
+                if let Some(entry) = segment.peer(id) {
+                    entry.goodbye(generation);
+                }
+                return Err(AttachError::Violation(violation));
+            }
+        };
         let watch = HostWatch::new(&segment, doorbell);
         Ok(Self {
             segment,
             id,
             generation,
-            outbox: Outbox::new(owner_word(id.get(), generation)),
+            outbox: Outbox::new(owner),
             large_out: LargeOutbox::default(),
-            inbox: Inbox::new(owner_word(id.get(), generation)),
+            inbox,
             report,
             attached: true,
             wait: WaitPolicy::default(),
@@ -842,7 +860,7 @@ fn send_large(
     }
     let mut buffer = LargeOutbox::buffer(payload.len())?;
     buffer.write_at(0, payload);
-    let seq = large.pass(buffer, doorbell)?;
+    let (seq, _file) = large.pass(buffer, doorbell)?;
     outbox
         .push(
             ring,
@@ -963,6 +981,11 @@ fn take_once(
     .ok_or(RecvError::Violation(Violation::DescKind { kind }))
 }
 
+/// How long a guest waits for a large payload's file that has not arrived with its
+/// descriptor: only a guest resuming a retained entry by path can see that (the host
+/// passes the retained files again once it links the guest's new doorbell).
+const RESUMED_FILE_WAIT: Duration = Duration::from_secs(2);
+
 /// Maps the memory file of a large payload the host announced.
 #[cold]
 fn open_large(
@@ -973,7 +996,7 @@ fn open_large(
     let doorbell = Arc::clone(watch.doorbell_arc());
     watch
         .large_in
-        .open(doorbell.as_fd(), seq, len)
+        .open(doorbell.as_fd(), seq, len, RESUMED_FILE_WAIT)
         .map_err(RecvError::Violation)
 }
 

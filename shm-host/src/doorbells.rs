@@ -212,6 +212,6 @@ impl Doorbells {
             index_token,
             level,
         );
-        hp.link = Some(link);
+        hp.set_link(link);
     }
 }

@@ -243,6 +243,22 @@ impl Received {
     }
 }
 
+/// What happens to messages the host sent a guest that left (died or detached)
+/// before consuming them (`shm.delivery.to-guest`, `shm.delivery.at-least-once`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// They are discarded and counted (`PeerStats::discarded`); the entry is
+    /// recycled for any guest.
+    #[default]
+    AtMostOnce,
+    /// They are kept, in order, for the next guest that attaches with the same peer
+    /// id (`ShmGuest::attach_path_with_id`, or a ticket from
+    /// [`ShmHost::prepare_guest_for`] / [`ShmHost::spawn_for`]): the entry stays
+    /// Reserved for it (counted in `PeerStats::retained`). A message the guest had
+    /// consumed (even one whose view it still held) is not delivered again.
+    AtLeastOnce,
+}
+
 type DeathHook = Box<dyn FnMut(&Death) + Send>;
 
 /// The host of a segment: creates it, reserves peer ids, and exchanges messages with
@@ -387,10 +403,46 @@ impl ShmHost {
         Err(PeerError::TableFull)
     }
 
+    /// The handle of the Reserved entry `peer`, which must have no ticket yet.
+    fn reserved(&self, peer: PeerId) -> Result<PeerHandle, PeerError> {
+        let entry = self.segment.peer(peer).ok_or(PeerError::NoSuchPeer(peer))?;
+        let word = entry.load().ok();
+        match word {
+            Some(w)
+                if w.state == PeerState::Reserved && self.peers[peer.index()].link.is_none() =>
+            {
+                Ok(PeerHandle {
+                    id: peer,
+                    generation: w.generation,
+                })
+            }
+            _ => Err(PeerError::WrongState {
+                peer,
+                state: word.map(|w| w.state),
+            }),
+        }
+    }
+
+    /// How messages to a guest that leaves without consuming them are treated, from
+    /// now on, for every entry (default [`Delivery::AtMostOnce`]).
+    pub fn set_delivery(&mut self, delivery: Delivery) {
+        for hp in &mut self.peers {
+            hp.at_least_once = delivery == Delivery::AtLeastOnce;
+        }
+    }
+
     /// Returns a reservation no guest claimed to Empty (with a new generation).
     // shm[impl shm.peer.release-reservation]
+    /// An entry that retained messages for a returning guest (at-least-once
+    /// delivery) gives them up: they are counted as discarded.
     pub fn release_reservation(&mut self, peer: PeerId) -> Result<(), PeerError> {
         let entry = self.segment.peer(peer).ok_or(PeerError::NoSuchPeer(peer))?;
+        let reserved = matches!(entry.load(), Ok(w) if w.state == PeerState::Reserved);
+        if reserved {
+            if let Some(hp) = self.peers.get_mut(peer.index()) {
+                peers::forget_retained(&self.segment, peer, hp);
+            }
+        }
         if entry.release_reservation() {
             // The ticket made for it (if any) speaks for no later guest.
             if let Some(hp) = self.peers.get_mut(peer.index()) {
@@ -664,13 +716,37 @@ impl ShmHost {
         &mut self,
         options: GuestOptions,
     ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
+        self.ticket(None, options)
+    }
+
+    /// Like [`prepare_guest`](Self::prepare_guest), for an entry that is already
+    /// Reserved: one that kept a departed guest's undelivered messages
+    /// ([`Delivery::AtLeastOnce`]), so the guest restarted with this ticket receives
+    /// them, in order, before anything newer (`shm.delivery.at-least-once`).
+    pub fn prepare_guest_for(
+        &mut self,
+        peer: PeerId,
+        options: GuestOptions,
+    ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
+        self.ticket(Some(peer), options)
+    }
+
+    /// A ticket for a new reservation, or for the Reserved entry `peer`.
+    fn ticket(
+        &mut self,
+        peer: Option<PeerId>,
+        options: GuestOptions,
+    ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
         let path = self.path().ok_or(SpawnError::NoPath)?.to_path_buf();
         let (host_end, child_end) =
             shm_primitives::doorbell::pair().map_err(|source| SpawnError::Io {
                 op: "socketpair",
                 source,
             })?;
-        let handle = self.reserve()?;
+        let handle = match peer {
+            None => self.reserve()?,
+            Some(id) => self.reserved(id)?,
+        };
         let link = GuestLink {
             generation: handle.generation,
             doorbell: Arc::new(host_end),
@@ -679,7 +755,7 @@ impl ShmHost {
             large_in: Default::default(),
         };
         self.doorbells.watch_link(handle.id.index(), &link);
-        self.peers[handle.id.index()].link = Some(link);
+        self.peers[handle.id.index()].set_link(link);
         let ticket = SpawnTicket {
             path,
             handle,
@@ -695,7 +771,27 @@ impl ShmHost {
     // shm[impl shm.spawn.pidfd]
     // shm[impl shm.spawn.failure]
     pub fn spawn(&mut self, cmd: &mut Command) -> Result<SpawnedGuest, SpawnError> {
-        let (handle, ticket) = self.prepare_guest(GuestOptions::default())?;
+        let prepared = self.prepare_guest(GuestOptions::default())?;
+        self.spawn_prepared(prepared, cmd)
+    }
+
+    /// Like [`spawn`](Self::spawn), into the Reserved entry `peer` (see
+    /// [`prepare_guest_for`](Self::prepare_guest_for)): restarts a guest that left
+    /// messages retained for it.
+    pub fn spawn_for(
+        &mut self,
+        peer: PeerId,
+        cmd: &mut Command,
+    ) -> Result<SpawnedGuest, SpawnError> {
+        let prepared = self.prepare_guest_for(peer, GuestOptions::default())?;
+        self.spawn_prepared(prepared, cmd)
+    }
+
+    fn spawn_prepared(
+        &mut self,
+        (handle, ticket): (PeerHandle, SpawnTicket),
+        cmd: &mut Command,
+    ) -> Result<SpawnedGuest, SpawnError> {
         ticket.configure(cmd);
         let child = match cmd.spawn() {
             Ok(child) => child,
@@ -1022,16 +1118,15 @@ fn send_once(
     let bell = peers::doorbell(&hp.link, generation);
     if payload.len() > segment.layout().config.max_slot_payload() {
         let bell = bell.ok_or(SendError::NoDoorbell(peer))?;
-        send_large(
-            &ring,
-            bell,
-            &mut hp.outbox,
-            &mut hp.large_out,
-            meta,
-            payload,
-        )
-        .map_err(|e| e.into_send_error(hp, entry, peer, generation))?;
+        let (outbox, large) = (&mut hp.outbox, &mut hp.large_out);
+        let file = send_large(&ring, bell, outbox, large, meta, payload)
+            .map_err(|e| e.into_send_error(hp, entry, peer, generation))?;
         hp.stats.sent += 1;
+        if hp.at_least_once {
+            let pos = hp.outbox.published().wrapping_sub(1);
+            let head = ring.head_from(hp.outbox.published()).unwrap_or(0);
+            hp.keep_file(pos, file, head);
+        }
         return Ok(());
     }
     let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
@@ -1073,6 +1168,7 @@ impl LargeFailure {
 /// Sends a payload above the largest slot class in a sealed memory file passed on
 /// the guest's doorbell (`shm.msg.large`): room in the ring first (the host is the
 /// ring's only producer, so it stays), then the file, then the descriptor naming it.
+/// Returns the host's descriptor of the sealed file.
 // shm[impl shm.msg.large]
 #[cold]
 fn send_large(
@@ -1082,7 +1178,7 @@ fn send_large(
     large: &mut LargeOutbox,
     meta: Meta,
     payload: &[u8],
-) -> Result<(), LargeFailure> {
+) -> Result<std::os::fd::OwnedFd, LargeFailure> {
     if payload.len() > MAX_LARGE_PAYLOAD {
         return Err(LargeFailure::TooLarge(payload.len()));
     }
@@ -1093,11 +1189,12 @@ fn send_large(
     }
     let mut buffer = LargeOutbox::buffer(payload.len()).map_err(LargeFailure::Pass)?;
     buffer.write_at(0, payload);
-    let seq = large.pass(buffer, doorbell).map_err(LargeFailure::Pass)?;
+    let (seq, file) = large.pass(buffer, doorbell).map_err(LargeFailure::Pass)?;
     let len = payload.len() as u32;
     outbox
         .push(ring, meta, len, Body::Large { seq }, Some(doorbell))
-        .map_err(LargeFailure::Channel)
+        .map_err(LargeFailure::Channel)?;
+    Ok(file)
 }
 
 /// Checks that `to` names an attached guest; its entry and generation.
@@ -1370,7 +1467,9 @@ fn open_large(
     let opened = match link {
         Some(link) => {
             let doorbell = Arc::clone(&link.doorbell);
-            link.large_in.open(doorbell.as_fd(), seq, len)
+            // A guest passes its file before publishing: never wait for one.
+            link.large_in
+                .open(doorbell.as_fd(), seq, len, Duration::ZERO)
         }
         None => Err(Violation::Large {
             seq,

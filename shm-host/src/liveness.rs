@@ -48,6 +48,9 @@ pub struct Death {
     pub discarded: u64,
     /// Slots returned to Free.
     pub reclaimed_slots: u64,
+    /// Messages it never consumed, kept for the entry's next guest (at-least-once
+    /// delivery); not counted in `discarded`.
+    pub retained: u64,
 }
 
 /// The host's link to one guest incarnation: the host end of its doorbell and, for a

@@ -1,9 +1,11 @@
 //! The host's private state for each peer entry, and recycling.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use shm_primitives::desc::Body;
 use shm_primitives::large_link::LargeOutbox;
 use shm_primitives::peer::PeerEntry;
 use shm_primitives::slot::{PoolUsage, SlotState, OWNER_HOST};
@@ -31,6 +33,9 @@ pub struct PeerStats {
     pub abandoned: u64,
     /// Guests of this entry that died (or whose spawned child died before attaching).
     pub deaths: u64,
+    /// Messages to a guest that left without consuming them, kept for the next guest
+    /// of the entry (at-least-once delivery, `shm.delivery.at-least-once`).
+    pub retained: u64,
 }
 
 /// Occupancy of one entry's rings and pools (read from shared memory).
@@ -83,6 +88,15 @@ pub(crate) struct HostPeer {
     /// Spawned children whose entries were recycled but that have not exited yet;
     /// reaped once they do (their descriptors are closed already).
     departed: Vec<Child>,
+    /// At-least-once delivery: a departing guest's undelivered messages are kept
+    /// for the next guest of the entry.
+    pub(crate) at_least_once: bool,
+    /// Set while the entry is Reserved with retained messages: the next guest
+    /// continues this ring (our outbox is kept).
+    pub(crate) retained: bool,
+    /// At-least-once: the sealed files of large payloads published to the guest and
+    /// perhaps not consumed yet, by ring position, to pass again to a next guest.
+    pub(crate) kept_files: VecDeque<(u64, OwnedFd)>,
 }
 
 impl Default for HostPeer {
@@ -98,6 +112,9 @@ impl Default for HostPeer {
             link: None,
             live_views: Arc::new(AtomicU32::new(0)),
             departed: Vec::new(),
+            at_least_once: false,
+            retained: false,
+            kept_files: VecDeque::new(),
         }
     }
 }
@@ -121,9 +138,13 @@ impl HostPeer {
             && self.epoch != Some(word.generation)
         {
             self.epoch = Some(word.generation);
-            self.outbox = Outbox::new(OWNER_HOST);
-            self.large_out = LargeOutbox::default();
             self.inbox = Inbox::new(OWNER_HOST);
+            // A guest taking over retained messages continues our side of its ring.
+            if !std::mem::take(&mut self.retained) {
+                self.outbox = Outbox::new(OWNER_HOST);
+                self.large_out = LargeOutbox::default();
+                self.kept_files.clear();
+            }
         }
         Ok(word)
     }
@@ -148,6 +169,30 @@ impl HostPeer {
     /// Reaps spawned children that have exited since their entry was recycled.
     /// Lets go of the entry's link (a released reservation, a finished guest): its
     /// descriptors close now, and its child, if any, is reaped once it exits.
+    /// Links the entry's guest. Files of retained large payloads are passed again on
+    /// the new doorbell, in order, before the guest can read their descriptors
+    /// (`shm.delivery.at-least-once`).
+    pub(crate) fn set_link(&mut self, link: GuestLink) {
+        for (_, file) in &self.kept_files {
+            // A full socket loses the file: the guest then refuses that message.
+            let _ = shm_primitives::large::send_fd(link.doorbell.as_fd(), file.as_fd());
+        }
+        self.link = Some(link);
+    }
+
+    /// At-least-once: keeps the file of a large payload published at ring position
+    /// `pos`, dropping those the guest has consumed (before `head`).
+    pub(crate) fn keep_file(&mut self, pos: u64, file: OwnedFd, head: u64) {
+        self.forget_files_before(head);
+        self.kept_files.push_back((pos, file));
+    }
+
+    fn forget_files_before(&mut self, head: u64) {
+        while self.kept_files.front().is_some_and(|(p, _)| *p < head) {
+            self.kept_files.pop_front();
+        }
+    }
+
     pub(crate) fn drop_link(&mut self) {
         if let Some(mut link) = self.link.take() {
             if link.reap().is_none() {
@@ -198,6 +243,9 @@ pub(crate) fn doorbell(link: &Option<GuestLink>, generation: u32) -> Option<Borr
 // shm[impl shm.slot.reclaim]
 // shm[impl shm.delivery.to-guest]
 pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) {
+    if hp.at_least_once && hp.fenced.is_none() && retain(segment, peer, hp, generation) {
+        return;
+    }
     let to_guest = segment.ring(peer, Direction::ToGuest).expect("in range");
     let to_host = segment.ring(peer, Direction::ToHost).expect("in range");
     // A corrupt head means we cannot tell how many were consumed: count them all.
@@ -222,12 +270,109 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     hp.epoch = None;
     hp.outbox = Outbox::new(OWNER_HOST);
     hp.inbox = Inbox::new(OWNER_HOST);
+    hp.retained = false;
+    hp.kept_files.clear();
     hp.fenced = None;
     hp.drop_link();
     let entry = segment.peer(peer).expect("in range");
     if entry.recycle(generation) {
         hp.stats.recycled += 1;
     }
+}
+
+/// At-least-once: keeps a departed guest's undelivered messages for the entry's next
+/// guest instead of discarding them (`shm.delivery.at-least-once`). The ToGuest ring
+/// keeps its counters and the descriptors from the guest's last consumed position;
+/// every slot they name stays (or, if the guest had claimed it without consuming it,
+/// goes back to) Sent; every other ToGuest slot and the whole ToHost side are reclaimed
+/// as at a recycle; the entry becomes Reserved(g+1) for a guest that attaches with its
+/// id. Returns false, changing nothing, when there is nothing to keep or what the
+/// guest left cannot be trusted (the caller then recycles).
+// shm[impl shm.delivery.at-least-once]
+fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -> bool {
+    let to_guest = segment.ring(peer, Direction::ToGuest).expect("in range");
+    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
+    let tail = hp.outbox.published();
+    let Ok(head) = to_guest.head_from(tail) else {
+        return false;
+    };
+    if head == tail {
+        return false;
+    }
+    // The slots the undelivered descriptors name, read back from the ring (which the
+    // guest could have scribbled on: each is decoded and checked again).
+    let mut named = Vec::with_capacity((tail - head) as usize);
+    let mut pos = head;
+    while pos != tail {
+        match to_guest.read_at(pos).map(|d| d.body) {
+            Ok(Body::Slot {
+                class,
+                index,
+                generation,
+            }) => match pools.class(class as usize) {
+                Some(pool) if pool.restore_sent(index, generation) => named.push((class, index)),
+                _ => return false,
+            },
+            Ok(Body::Large { .. }) if !hp.kept_files.iter().any(|(p, _)| *p == pos) => {
+                return false
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        pos = pos.wrapping_add(1);
+    }
+    hp.forget_files_before(head);
+    let kept = u64::from(tail.wrapping_sub(head) as u32);
+    let to_host = segment.ring(peer, Direction::ToHost).expect("in range");
+    to_host.reset();
+    let host_views = hp.live_views.load(Ordering::Acquire) > 0;
+    let to_host_pools = segment.pools(peer, Direction::ToHost).expect("in range");
+    for class in 0..to_host_pools.classes() {
+        let pool = to_host_pools.class(class).expect("in range");
+        let keep = |s| host_views && s == SlotState::Received;
+        hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(keep));
+    }
+    for class in 0..pools.classes() {
+        let pool = pools.class(class).expect("in range");
+        let keep = |index, s| s == SlotState::Sent && named.contains(&(class as u8, index));
+        hp.stats.reclaimed_slots += u64::from(pool.reclaim_where(keep));
+    }
+    // Our side of the ring continues; every Free slot is found again by rescanning.
+    hp.outbox.rescan();
+    hp.inbox = Inbox::new(OWNER_HOST);
+    hp.epoch = None;
+    hp.drop_link();
+    let entry = segment.peer(peer).expect("in range");
+    if !entry.retain(generation) {
+        return false;
+    }
+    hp.retained = true;
+    hp.stats.retained += kept;
+    true
+}
+
+/// Gives up the messages a Reserved entry retained for a next guest: they are counted
+/// as discarded and the entry's rings and pools are reset (the caller then releases
+/// the reservation).
+pub(crate) fn forget_retained(segment: &Segment, peer: PeerId, hp: &mut HostPeer) {
+    if !std::mem::take(&mut hp.retained) {
+        return;
+    }
+    let to_guest = segment.ring(peer, Direction::ToGuest).expect("in range");
+    let undelivered = to_guest
+        .depth_from(hp.outbox.published())
+        .map(u64::from)
+        .unwrap_or(u64::from(to_guest.capacity()));
+    hp.stats.discarded += undelivered;
+    to_guest.reset();
+    let pools = segment.pools(peer, Direction::ToGuest).expect("in range");
+    for class in 0..pools.classes() {
+        let pool = pools.class(class).expect("in range");
+        hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(|_| false));
+    }
+    hp.outbox = Outbox::new(OWNER_HOST);
+    hp.large_out = LargeOutbox::default();
+    hp.kept_files.clear();
 }
 
 /// Recovers the entry of a guest found dead (`shm.recover.reap`). `word` is what the
@@ -253,9 +398,16 @@ pub(crate) fn recover(
         .or(Some(entry.guest_pid.load(Ordering::Relaxed)).filter(|&p| p != 0));
     let exit = link.as_mut().and_then(GuestLink::reap);
     if !attached {
-        // A ticket whose child died (or was never started) before attaching.
+        // A ticket whose child died (or was never started) before attaching. An entry
+        // that retains messages stays reserved for the next one (its generation moves
+        // on, so this ticket claims nothing any more).
         hp.link = link;
-        if !entry.release_reservation() {
+        let released = if hp.retained {
+            entry.renew_reservation(word.generation)
+        } else {
+            entry.release_reservation()
+        };
+        if !released {
             return None;
         }
         // The doorbell can hang up just before the process becomes a zombie: a child
@@ -272,6 +424,7 @@ pub(crate) fn recover(
             abandoned: 0,
             discarded: 0,
             reclaimed_slots: 0,
+            retained: 0,
         });
     }
     let generation = if hp.fenced.is_some() {
@@ -318,6 +471,7 @@ pub(crate) fn recover(
         abandoned,
         discarded: hp.stats.discarded - before.discarded,
         reclaimed_slots: hp.stats.reclaimed_slots - before.reclaimed_slots,
+        retained: hp.stats.retained - before.retained,
     })
 }
 

@@ -324,6 +324,15 @@ impl Inbox {
         }
     }
 
+    /// An inbox that resumes the ring from its shared consumer counter (a guest
+    /// taking over an entry whose undelivered messages were retained).
+    pub fn resume(ring: &RingView<'_>, owner: u32) -> Result<Self, Violation> {
+        Ok(Self {
+            consumer: Consumer::resume(ring)?,
+            owner,
+        })
+    }
+
     /// Messages waiting in the ring (validated).
     pub fn pending(&mut self, ring: &RingView<'_>) -> Result<u32, Violation> {
         self.consumer.pending(ring)

@@ -9,7 +9,8 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use crate::doorbell::Drained;
 use crate::large::{self, LargeBuffer, LargeError, LargeView};
@@ -51,15 +52,17 @@ impl LargeOutbox {
     }
 
     /// Seals `buffer` and passes it on `doorbell`; returns the sequence number the
-    /// descriptor must carry. The caller has checked that the ring has room, so the
-    /// descriptor follows (an fd whose descriptor never comes is an orphan the
-    /// receiver discards by its number).
+    /// descriptor must carry, and the sender's own descriptor of the sealed file
+    /// (drop it, or keep it to pass the file again to a guest that takes over the
+    /// entry, `shm.delivery.at-least-once`). The caller has checked that the ring has
+    /// room, so the descriptor follows (an fd whose descriptor never comes is an
+    /// orphan the receiver discards by its number).
     // shm[impl shm.msg.large]
     pub fn pass(
         &mut self,
         buffer: LargeBuffer,
         doorbell: BorrowedFd<'_>,
-    ) -> Result<u64, LargeSendError> {
+    ) -> Result<(u64, OwnedFd), LargeSendError> {
         let seq = self.last_seq + 1;
         let fd = buffer.finish(seq).map_err(|source| LargeSendError::Io {
             op: "seal a large-payload memfd",
@@ -68,7 +71,7 @@ impl LargeOutbox {
         match large::send_fd(doorbell, fd.as_fd()) {
             Ok(()) => {
                 self.last_seq = seq;
-                Ok(seq)
+                Ok((seq, fd))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(LargeSendError::WouldBlock),
             Err(source) => Err(LargeSendError::Io {
@@ -76,7 +79,6 @@ impl LargeOutbox {
                 source,
             }),
         }
-        // `fd` closes here: the receiver holds its own copy (or none, on failure).
     }
 }
 
@@ -114,12 +116,17 @@ impl LargeInbox {
     /// maps the file whose header carries `seq`. A number that does not grow, a
     /// length over [`MAX_LARGE_PAYLOAD`], a missing file or one that fails the checks
     /// of [`LargeView::open`] is a violation.
+    ///
+    /// A file still missing is waited for, on the doorbell, for at most `wait`: only
+    /// a guest resuming a retained entry can see its descriptor before its file (the
+    /// host passes retained files again when it links the new doorbell).
     // shm[impl shm.msg.large]
     pub fn open(
         &mut self,
         doorbell: BorrowedFd<'_>,
         seq: u64,
         len: u32,
+        wait: Duration,
     ) -> Result<LargeView, Violation> {
         let bad = |reason| Violation::Large { seq, reason };
         if len as usize > MAX_LARGE_PAYLOAD {
@@ -129,6 +136,12 @@ impl LargeInbox {
             return Err(bad("sequence number did not grow"));
         }
         self.drain(doorbell);
+        let deadline = Instant::now() + wait;
+        while self.fds.is_empty() && wait_readable(doorbell, deadline) {
+            if self.drain(doorbell) == Drained::HungUp {
+                break;
+            }
+        }
         while let Some(fd) = self.fds.pop_front() {
             match large::header_seq(fd.as_fd()) {
                 // Passed by a send that never published: nothing will name it.
@@ -154,6 +167,22 @@ impl LargeInbox {
     }
 }
 
+/// Waits until `fd` is readable or `deadline` passes; true when readable.
+fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd we own, for at most `ms` milliseconds.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,7 +191,7 @@ mod tests {
     fn passed(out: &mut LargeOutbox, tx: BorrowedFd<'_>, bytes: &[u8]) -> u64 {
         let mut buf = LargeOutbox::buffer(bytes.len()).unwrap();
         assert!(buf.write_at(0, bytes));
-        out.pass(buf, tx).unwrap()
+        out.pass(buf, tx).unwrap().0
     }
 
     #[test]
@@ -173,17 +202,17 @@ mod tests {
         ring(tx.as_fd());
         let seq = passed(&mut out, tx.as_fd(), b"announced");
         assert_eq!((orphan, seq), (1, 2));
-        let view = inbox.open(rx.as_fd(), seq, 9).unwrap();
+        let view = inbox.open(rx.as_fd(), seq, 9, Duration::ZERO).unwrap();
         assert_eq!(view.to_vec(), b"announced");
         assert_eq!(inbox.orphans(), 1);
         assert_eq!(inbox.queued(), 0);
         // The same number again is refused, and so is a file that never came.
         assert!(matches!(
-            inbox.open(rx.as_fd(), seq, 9),
+            inbox.open(rx.as_fd(), seq, 9, Duration::ZERO),
             Err(Violation::Large { .. })
         ));
         assert!(matches!(
-            inbox.open(rx.as_fd(), seq + 1, 9),
+            inbox.open(rx.as_fd(), seq + 1, 9, Duration::ZERO),
             Err(Violation::Large { .. })
         ));
     }
@@ -194,11 +223,16 @@ mod tests {
         let (mut out, mut inbox) = (LargeOutbox::default(), LargeInbox::default());
         let seq = passed(&mut out, tx.as_fd(), &[7; 100]);
         assert!(matches!(
-            inbox.open(rx.as_fd(), seq, 99),
+            inbox.open(rx.as_fd(), seq, 99, Duration::ZERO),
             Err(Violation::Large { .. })
         ));
         assert!(matches!(
-            inbox.open(rx.as_fd(), seq + 1, (MAX_LARGE_PAYLOAD + 1) as u32),
+            inbox.open(
+                rx.as_fd(),
+                seq + 1,
+                (MAX_LARGE_PAYLOAD + 1) as u32,
+                Duration::ZERO
+            ),
             Err(Violation::Large { .. })
         ));
     }

@@ -234,6 +234,39 @@ impl PeerEntry {
         )
     }
 
+    /// Host: Goodbye(g) -> Reserved(g+1), keeping the entry (and the messages it
+    /// retained) for a guest that re-attaches with the same id
+    /// (`shm.delivery.at-least-once`).
+    // shm[impl shm.delivery.at-least-once]
+    pub fn retain(&self, generation: u32) -> bool {
+        self.guest_pid.store(0, Ordering::Relaxed);
+        self.transition(
+            PeerWord {
+                state: PeerState::Goodbye,
+                generation,
+            },
+            PeerWord {
+                state: PeerState::Reserved,
+                generation: generation.wrapping_add(1),
+            },
+        )
+    }
+
+    /// Host: Reserved(g) -> Reserved(g+1): the reservation stays, but a ticket made
+    /// for generation g no longer claims it.
+    pub fn renew_reservation(&self, generation: u32) -> bool {
+        self.transition(
+            PeerWord {
+                state: PeerState::Reserved,
+                generation,
+            },
+            PeerWord {
+                state: PeerState::Reserved,
+                generation: generation.wrapping_add(1),
+            },
+        )
+    }
+
     /// Host: records `fault` and forces the entry to Goodbye(g), whatever the guest
     /// wrote into it.
     // shm[impl shm.untrusted.fence]

@@ -95,6 +95,30 @@ impl<'a> RingView<'a> {
         check_distance(head, tail, self.capacity)
     }
 
+    /// The shared consumer counter, validated against a trusted producer counter.
+    pub fn head_from(&self, tail: u64) -> Result<u64, Violation> {
+        let head = self.header.head.load(Ordering::Acquire);
+        check_distance(head, tail, self.capacity)?;
+        Ok(head)
+    }
+
+    /// The descriptor at position `pos`, decoded and checked to carry `pos` as its
+    /// `seq` (the producer re-reading what it published, e.g. to retain it).
+    pub fn read_at(&self, pos: u64) -> Result<Descriptor, Violation> {
+        let mut words = [0u64; DESC_WORDS];
+        for (w, cell) in words.iter_mut().zip(self.slot(pos)) {
+            *w = cell.load(Ordering::Acquire);
+        }
+        let desc = Descriptor::decode(&words).map_err(decode_violation)?;
+        if desc.seq != pos {
+            return Err(Violation::DescSequence {
+                expected: pos,
+                found: desc.seq,
+            });
+        }
+        Ok(desc)
+    }
+
     /// `tail - head` as stored (wrapping, unvalidated): for accounting and tests only.
     pub fn raw_depth(&self) -> u64 {
         let tail = self.header.tail.load(Ordering::Acquire);
@@ -178,6 +202,13 @@ fn wake(parked: u32, counter: &AtomicU64, bell: Option<BorrowedFd<'_>>) {
         (PARKED_DOORBELL, Some(fd)) => crate::doorbell::ring(fd),
         (PARKED_DOORBELL, None) => {}
         _ => crate::futex::wake_low_half(counter),
+    }
+}
+
+fn decode_violation(e: DecodeError) -> Violation {
+    match e {
+        DecodeError::Kind(kind) => Violation::DescKind { kind },
+        DecodeError::MsgKind(flags) => Violation::DescFlags { flags },
     }
 }
 
@@ -275,6 +306,19 @@ impl Consumer {
         Self::default()
     }
 
+    /// A consumer that starts where the ring's shared consumer counter is: a guest
+    /// resuming a ring whose earlier consumer died (`shm.delivery.at-least-once`).
+    /// The counters are validated like any others.
+    pub fn resume(ring: &RingView<'_>) -> Result<Self, Violation> {
+        let head = ring.header.head.load(Ordering::Acquire);
+        let tail = ring.header.tail.load(Ordering::Acquire);
+        check_distance(head, tail, ring.capacity)?;
+        Ok(Self {
+            head,
+            tail_cache: head,
+        })
+    }
+
     /// Reads the next descriptor without consuming it, or `None` when the ring is
     /// empty. Only the shared tail is loaded, and only when the cache says empty.
     // shm[impl shm.ring.consume]
@@ -295,10 +339,7 @@ impl Consumer {
         for (w, cell) in words.iter_mut().zip(ring.slot(self.head)) {
             *w = cell.load(Ordering::Relaxed);
         }
-        let desc = Descriptor::decode(&words).map_err(|e| match e {
-            DecodeError::Kind(kind) => Violation::DescKind { kind },
-            DecodeError::MsgKind(flags) => Violation::DescFlags { flags },
-        })?;
+        let desc = Descriptor::decode(&words).map_err(decode_violation)?;
         if desc.seq != self.head {
             return Err(Violation::DescSequence {
                 expected: self.head,

@@ -331,12 +331,18 @@ impl<'a> PoolView<'a> {
     /// guest that shared the pool is gone.
     // shm[impl shm.slot.reclaim]
     pub fn reclaim_all(&self, keep: impl Fn(SlotState) -> bool) -> u32 {
+        self.reclaim_where(|_, state| keep(state))
+    }
+
+    /// [`reclaim_all`](Self::reclaim_all), deciding by slot index too (at-least-once
+    /// retention keeps the slots its undelivered descriptors name).
+    pub fn reclaim_where(&self, keep: impl Fn(u32, SlotState) -> bool) -> u32 {
         let mut reclaimed = 0;
-        for m in self.words {
+        for (index, m) in self.words.iter().enumerate() {
             let raw = m.load(Ordering::Acquire);
             match state_of(raw) {
                 Some(SlotState::Free) => continue,
-                Some(state) if keep(state) => continue,
+                Some(state) if keep(index as u32, state) => continue,
                 _ => {}
             }
             m.store(pack(SlotState::Free, (raw >> 32) as u32), Ordering::Release);
@@ -344,6 +350,22 @@ impl<'a> PoolView<'a> {
         }
         self.free_list().clear();
         reclaimed
+    }
+
+    /// Host, retaining a dead guest's undelivered messages: a slot its descriptor
+    /// still names that the guest had claimed (Received(g)) but not consumed goes back
+    /// to Sent(g), for the next guest to claim. True when the slot is now Sent(g).
+    // shm[impl shm.delivery.at-least-once]
+    pub fn restore_sent(&self, index: u32, generation: u32) -> bool {
+        let Some(word) = self.words.get(index as usize) else {
+            return false;
+        };
+        let sent = pack(SlotState::Sent, generation);
+        let received = pack(SlotState::Received, generation);
+        match word.compare_exchange(received, sent, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(found) => found == sent,
+        }
     }
 
     /// The state of slot `index` (`None` out of range or for a word with no state).

@@ -534,6 +534,7 @@ fn a_dropped_ticket_or_a_child_that_exits_before_attaching_releases_the_reservat
             abandoned: 0,
             discarded: 0,
             reclaimed_slots: 0,
+            retained: 0,
         }],
         "reported once, as a guest that never attached"
     );
