@@ -673,24 +673,55 @@ impl ShmGuest {
     /// and sent with [`Loan::send`] (`shm.slot.loan`); dropping the loan returns the
     /// slot. Never blocks: a full ring or pool is a `WouldBlock` error.
     pub fn loan(&mut self, len: usize) -> Result<Loan<'_>, SendError> {
-        check_attached(&self.segment, (self.id, self.generation), &mut self.watch)?;
+        let me = (self.id, self.generation);
+        let (slot, bytes) = loan_once(&self.segment, me, &mut self.watch, &mut self.outbox, len)?;
+        Ok(Loan {
+            guest: self,
+            slot,
+            bytes,
+        })
+    }
+
+    /// Like [`loan`](Self::loan), waiting up to `timeout` for ring space and a free
+    /// slot (`shm.slot.exhausted`): parked on the ring's consumer counter, woken when
+    /// the host consumes or frees a slot. `TimedOut` when none came in time.
+    // shm[impl shm.slot.exhausted]
+    pub fn loan_timeout(&mut self, len: usize, timeout: Duration) -> Result<Loan<'_>, SendError> {
+        let me = (self.id, self.generation);
         let ring = self
             .segment
             .ring(self.id, Direction::ToHost)
             .expect("validated id");
-        let pools = self
-            .segment
-            .pools(self.id, Direction::ToHost)
-            .expect("validated id");
-        let slot = self.outbox.loan(&ring, &pools, len).map_err(send_err)?;
-        let ptr = pools
-            .class(slot.class as usize)
-            .and_then(|p| p.data_ptr(slot.index))
-            .expect("a loan names a slot of its pool");
+        let once = |watch: &mut HostWatch, outbox: &mut Outbox| match loan_once(
+            &self.segment,
+            me,
+            watch,
+            outbox,
+            len,
+        ) {
+            Ok(got) => Ok(Some(got)),
+            Err(e) if e.is_would_block() => Ok(None),
+            Err(e) => Err(e),
+        };
+        let mut got = once(&mut self.watch, &mut self.outbox)?;
+        let deadline = Instant::now().checked_add(timeout);
+        while got.is_none() {
+            let slice = self.watch.slice_until(deadline);
+            got = shm_primitives::wait::wait_for(self.wait, slice, &ring.space_bell(), || {
+                once(&mut self.watch, &mut self.outbox)
+            })?;
+            if got.is_none() {
+                self.watch.check_if_due(&self.segment)?;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(SendError::TimedOut);
+                }
+            }
+        }
+        let (slot, bytes) = got.expect("loop ends with a loan");
         Ok(Loan {
             guest: self,
             slot,
-            bytes: SlotBytes::new(ptr, slot.capacity as usize),
+            bytes,
         })
     }
 
@@ -807,6 +838,27 @@ fn check_attached(
             })
         }
     }
+}
+
+/// Allocates a slot towards the host (the body of `loan`).
+fn loan_once(
+    segment: &Segment,
+    me: (PeerId, u32),
+    watch: &mut HostWatch,
+    outbox: &mut Outbox,
+    len: usize,
+) -> Result<(SlotLoan, SlotBytes), SendError> {
+    check_attached(segment, me, watch)?;
+    let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
+    let pools = segment
+        .pools(me.0, Direction::ToHost)
+        .expect("validated id");
+    let slot = outbox.loan(&ring, &pools, len).map_err(send_err)?;
+    let ptr = pools
+        .class(slot.class as usize)
+        .and_then(|p| p.data_ptr(slot.index))
+        .expect("a loan names a slot of its pool");
+    Ok((slot, SlotBytes::new(ptr, slot.capacity as usize)))
 }
 
 /// One non-blocking send (the body of `try_send`); borrows only what it uses so a

@@ -624,6 +624,50 @@ impl ShmHost {
         })
     }
 
+    /// Like [`loan`](Self::loan), waiting up to `timeout` for ring space and a free
+    /// slot towards `to` (`shm.slot.exhausted`), as [`send`](Self::send) waits.
+    // shm[impl shm.slot.exhausted]
+    pub fn loan_timeout(
+        &mut self,
+        to: impl Into<Target>,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<HostLoan<'_>, SendError> {
+        let to = to.into();
+        let once =
+            |segment: &Segment, peers: &mut [HostPeer]| match loan_once(segment, peers, to, len) {
+                Ok(got) => Ok(Some(got)),
+                Err(e) if e.is_would_block() => Ok(None),
+                Err(e) => Err(e),
+            };
+        let mut got = once(&self.segment, &mut self.peers)?;
+        let deadline = Instant::now().checked_add(timeout);
+        while got.is_none() {
+            let ring = self
+                .segment
+                .ring(to.id, Direction::ToGuest)
+                .ok_or(SendError::NoSuchPeer(to.id))?;
+            let slice = slice_until(deadline, self.liveness_interval);
+            got = shm_primitives::wait::wait_for(self.wait, slice, &ring.space_bell(), || {
+                once(&self.segment, &mut self.peers)
+            })?;
+            if got.is_none() {
+                self.check_liveness_if_due();
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(SendError::TimedOut(to.id));
+                }
+            }
+        }
+        let (slot, bytes) = got.expect("loop ends with a loan");
+        Ok(HostLoan {
+            host: self,
+            to,
+            slot,
+            bytes,
+            done: false,
+        })
+    }
+
     /// Sends one message, waiting up to `timeout` for ring space and a free slot
     /// (parked on the ring's consumer counter, woken when the guest consumes). A guest
     /// that dies meanwhile ends the wait with an error within one liveness interval.

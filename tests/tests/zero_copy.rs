@@ -202,3 +202,69 @@ fn a_view_outlives_its_guest_and_its_slot_is_kept_until_dropped() {
     assert_eq!(host.peer_usage(peer).unwrap().to_host_slots.in_use, 0);
     next.try_send(Meta::new(2, 10), &[9u8; 300]).unwrap();
 }
+
+/// Exhausted pools: a blocking loan times out when nothing is freed, and waits for
+/// the slot the other side frees (both directions), never publishing anything early.
+// shm[verify shm.slot.exhausted]
+#[test]
+fn a_blocking_loan_times_out_or_waits_for_a_freed_slot() {
+    let config = SegmentConfig {
+        max_guests: 1,
+        classes: SlotClasses::single(256, 1),
+        ..SegmentConfig::default()
+    };
+    let mut host = ShmHost::create_heap(config).unwrap();
+    let mut guest = ShmGuest::attach_backing(host.backing(), AttachOptions::default()).unwrap();
+    let peer = guest.peer_id();
+    let short = Duration::from_millis(30);
+
+    // Guest -> host: the only slot is in flight.
+    guest.try_send(Meta::new(1, 1), &[1; 100]).unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        guest.loan_timeout(100, short),
+        Err(shm_guest::SendError::TimedOut)
+    ));
+    assert!(started.elapsed() >= short, "it waited the whole timeout");
+    let (got, host) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut buf = Vec::new();
+            let got = host.recv(&mut buf, LONG).unwrap().unwrap();
+            (got.meta, host)
+        });
+        let mut loan = guest.loan_timeout(100, LONG).expect("the freed slot");
+        loan.write_at(0, &[2; 100]);
+        loan.send(Meta::new(1, 2), 100).unwrap();
+        reader.join().unwrap()
+    });
+    let mut host = host;
+    assert_eq!(got, Meta::new(1, 1));
+    let mut buf = Vec::new();
+    assert_eq!(
+        host.recv(&mut buf, LONG).unwrap().unwrap().meta,
+        Meta::new(1, 2)
+    );
+    assert_eq!(buf, [2; 100]);
+
+    // Host -> guest, the same.
+    host.try_send(peer, Meta::new(3, 1), &[3; 100]).unwrap();
+    assert!(matches!(
+        host.loan_timeout(peer, 100, short),
+        Err(shm_host::SendError::TimedOut(p)) if p == peer
+    ));
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = Vec::new();
+            guest.recv(&mut buf, LONG).unwrap().unwrap()
+        });
+        let mut loan = host.loan_timeout(peer, 100, LONG).expect("the freed slot");
+        loan.write_at(0, &[4; 100]);
+        loan.send(Meta::new(3, 2), 100).unwrap();
+        assert_eq!(reader.join().unwrap(), Meta::new(3, 1));
+    });
+    assert_eq!(
+        guest.recv(&mut buf, LONG).unwrap().unwrap(),
+        Meta::new(3, 2)
+    );
+    assert_eq!(buf, [4; 100]);
+}
