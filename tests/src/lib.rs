@@ -386,3 +386,133 @@ impl std::ops::Deref for Planted {
         &self.segment
     }
 }
+
+/// Slots of one pool counted by state (`shm.slot.layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotStates {
+    /// In the pool.
+    pub free: u32,
+    /// Allocated by the sender, not yet published.
+    pub loaned: u32,
+    /// Named by a published descriptor not yet taken.
+    pub sent: u32,
+    /// Claimed by the receiver (a copy in progress, or a live view).
+    pub received: u32,
+    /// Holding no valid state.
+    pub invalid: u32,
+}
+
+/// The slots of `peer`'s pools in direction `dir`, counted by state, one entry per
+/// slot class (smallest first), read through `seg` (for example a
+/// [`watch_segment`] mapping, or `Segment::attach` of a heap host's backing).
+pub fn slot_states(
+    seg: &shm_primitives::Segment,
+    peer: shm_primitives::PeerId,
+    dir: shm_primitives::Direction,
+) -> Vec<SlotStates> {
+    use shm_primitives::slot::SlotState;
+    let pools = seg.pools(peer, dir).expect("peer in range");
+    (0..pools.classes())
+        .map(|class| {
+            let pool = pools.class(class).expect("class in range");
+            let mut counts = SlotStates::default();
+            for index in 0..pool.count() {
+                match pool.state(index) {
+                    Some(SlotState::Free) => counts.free += 1,
+                    Some(SlotState::Loaned) => counts.loaned += 1,
+                    Some(SlotState::Sent) => counts.sent += 1,
+                    Some(SlotState::Received) => counts.received += 1,
+                    None => counts.invalid += 1,
+                }
+            }
+            counts
+        })
+        .collect()
+}
+
+/// The standard input and output of a child the harness does not start itself (a
+/// guest `ShmHost::spawn` starts), as pipes: the child talks with `tell` and `hear`
+/// as a [`Proc`] child does. Make it with [`Talk::wire`] before the command is
+/// spawned, and drop the command after spawning it (it holds the child's ends).
+pub struct Talk {
+    stdin: Option<std::fs::File>,
+    lines: Receiver<String>,
+    deadline: Instant,
+    name: String,
+}
+
+impl Talk {
+    /// Points `cmd`'s stdin and stdout at new pipes; the child must be done within
+    /// `limit` (its own `watchdog` enforces it; this side stops waiting then).
+    pub fn wire(cmd: &mut Command, name: &str, limit: Duration) -> Self {
+        let (stdin_child, stdin_ours) = pipe();
+        let (stdout_ours, stdout_child) = pipe();
+        cmd.stdin(Stdio::from(stdin_child))
+            .stdout(Stdio::from(stdout_child));
+        let (tx, lines) = mpsc::channel();
+        let stdout = std::fs::File::from(stdout_ours);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(msg) = line.strip_prefix('@') {
+                    if tx.send(msg.to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Self {
+            stdin: Some(std::fs::File::from(stdin_ours)),
+            lines,
+            deadline: Instant::now() + limit,
+            name: name.to_string(),
+        }
+    }
+
+    /// Waits for the child's next `@` line (before its deadline).
+    pub fn expect_line(&mut self) -> String {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("child {} said nothing before its deadline", self.name)
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("child {} closed its stdout before saying more", self.name)
+            }
+        }
+    }
+
+    /// Waits for a line starting with `word` and returns the rest of it.
+    pub fn expect(&mut self, word: &str) -> String {
+        let line = self.expect_line();
+        match line.strip_prefix(word) {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("child {} said {line:?}, expected {word}", self.name),
+        }
+    }
+
+    /// Sends a line to the child's stdin.
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+/// A pipe: (read end, write end), both close-on-exec (a `Stdio` made of one is
+/// duplicated onto the child's descriptor without the flag).
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned these descriptors to us; nothing else owns them.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
