@@ -55,16 +55,13 @@ const CROSS: &str = "random_mixes_across_two_processes_deliver_every_byte_and_fr
 
 /// **The one place that says what a payload beyond the largest slot class does.**
 ///
-/// Today there is no large-payload path: `shm.msg.slot` requires such a send to fail
-/// with `TooLarge { len, max }` (max = the largest class) before anything is allocated
-/// or published, by copy and by loan alike; the model expects exactly that error and
-/// the unchanged state (every slot word and ring depth is compared after the step).
-///
-/// When large payloads travel by memfd (`shm.msg.large`), set this to `true`: a copying
-/// send beyond the largest class is then expected to be delivered out of band (one ring
-/// descriptor, no pool slot, the exact bytes at the receiver), while loans beyond the
-/// largest class stay `TooLarge`.
-const LARGE_PAYLOADS_DELIVERED: bool = false;
+/// Large payloads travel by memfd (`shm.msg.large`): a copying send beyond the largest
+/// class is delivered out of band (one ring descriptor, no pool slot, the exact bytes
+/// at the receiver), while loans beyond the largest class are `TooLarge { len, max }`
+/// (max = the largest class) with nothing allocated or published. With this `false`
+/// the model expects every send beyond the largest class to be `TooLarge` (the
+/// behaviour before the large-payload path).
+const LARGE_PAYLOADS_DELIVERED: bool = true;
 
 fn beyond_largest(lane: &Lane, geo: &Geometry, len: usize, loan: bool) -> Outcome {
     if LARGE_PAYLOADS_DELIVERED && !loan {
@@ -1789,7 +1786,7 @@ fn a_scripted_mix_reaches_every_outcome_in_one_and_two_processes() {
         "host copy slot of class 0",
         "host loan slot of class 0",
         "host copy fall-through",
-        "host copy refused TooLarge { len: 1025, max: 1024 }",
+        "host copy out of band",
         "host loan refused TooLarge { len: 1030, max: 1024 }",
         "host loan slot of class 2",
         "host copy refused PoolExhausted",
@@ -1810,7 +1807,7 @@ fn a_scripted_mix_reaches_every_outcome_in_one_and_two_processes() {
         "guest copy echo-view slot of class 0",
         "guest loan echo-copy slot of class 0",
         "guest drop first=false",
-        "guest copy refused TooLarge { len: 1028, max: 1024 }",
+        "guest copy out of band",
         "host recv View true",
         "host recv BlockingCopy true",
         "host recv Copy false",
