@@ -7,8 +7,8 @@ pub use shm_guest::{self as guest, AttachOptions, ShmGuest};
 #[cfg(feature = "tokio")]
 pub use shm_host::AsyncHost;
 pub use shm_host::{
-    self as host, segment_path, Death, DeathCause, GuestOptions, PeerHandle, SegmentConfig,
-    ShmHost, SpawnTicket, SpawnedGuest,
+    self as host, segment_path, Death, DeathCause, Delivery, GuestOptions, PeerHandle,
+    SegmentConfig, ShmHost, SpawnTicket, SpawnedGuest,
 };
 pub use shm_primitives::{
     self as primitives, Meta, MsgKind, PeerId, PeerState, SlotClass, SlotClasses,
