@@ -16,6 +16,7 @@
 
 #[cfg(feature = "tokio")]
 mod async_host;
+mod broadcast;
 mod doorbells;
 mod file;
 mod liveness;
@@ -24,6 +25,8 @@ mod spawn;
 
 #[cfg(feature = "tokio")]
 pub use async_host::AsyncHost;
+pub use broadcast::{BroadcastError, BroadcastReport};
+pub use shm_primitives::broadcast::{BroadcastRef, PeerSet};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};

@@ -30,6 +30,11 @@ pub struct PeerStats {
     pub abandoned: u64,
     /// Guests of this entry that died (or whose spawned child died before attaching).
     pub deaths: u64,
+    /// Of `sent`, the messages that were broadcasts (`ShmHost::broadcast`).
+    pub broadcasts: u64,
+    /// Broadcast slot holds the host released for the entry's guests when it
+    /// recycled the entry (`shm.broadcast.reclaim`).
+    pub released_broadcasts: u64,
 }
 
 /// Occupancy of one entry's rings and pools (read from shared memory).
@@ -213,6 +218,10 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
             let pool = pools.class(class).expect("in range");
             hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(keep));
         }
+    }
+    // shm[impl shm.broadcast.reclaim]: the guest's holds on broadcast slots go too.
+    if let Some(pool) = segment.broadcast() {
+        hp.stats.released_broadcasts += u64::from(pool.release_for(peer).cleared);
     }
     hp.epoch = None;
     hp.outbox = Outbox::new(OWNER_HOST);
