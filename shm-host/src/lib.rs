@@ -16,6 +16,7 @@
 
 #[cfg(feature = "tokio")]
 mod async_host;
+mod broadcast;
 mod doorbells;
 mod file;
 mod liveness;
@@ -24,6 +25,8 @@ mod spawn;
 
 #[cfg(feature = "tokio")]
 pub use async_host::AsyncHost;
+pub use broadcast::{BroadcastError, BroadcastReport};
+pub use shm_primitives::broadcast::{BroadcastRef, PeerSet};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -1465,8 +1468,9 @@ fn take_once(scan: Scan<'_>) -> Result<Option<(Received, Message)>, RecvError> {
     let bell = hp.link.as_ref().map(|l| &l.doorbell);
     let live = Some(&hp.live_views);
     let dir = Direction::ToHost;
-    // Guests send inline, slot and large payloads only; anything else was consumed
-    // above as a violation of `shm.ring.desc-layout`.
+    // Guests send inline, slot and large payloads only. A broadcast reference from a
+    // guest was refused above without being consumed (`shm.broadcast.refcount`); this
+    // is the backstop should one ever get through.
     match Message::new(
         segment,
         received.from,

@@ -36,6 +36,11 @@ pub struct PeerStats {
     /// Messages to a guest that left without consuming them, kept for the next guest
     /// of the entry (at-least-once delivery, `shm.delivery.at-least-once`).
     pub retained: u64,
+    /// Of `sent`, the messages that were broadcasts (`ShmHost::broadcast`).
+    pub broadcasts: u64,
+    /// Broadcast slot holds the host released for the entry's guests when it
+    /// recycled the entry (`shm.broadcast.reclaim`).
+    pub released_broadcasts: u64,
 }
 
 /// Occupancy of one entry's rings and pools (read from shared memory).
@@ -267,6 +272,10 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
             hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(keep));
         }
     }
+    // shm[impl shm.broadcast.reclaim]: the guest's holds on broadcast slots go too.
+    if let Some(pool) = segment.broadcast() {
+        hp.stats.released_broadcasts += u64::from(pool.release_for(peer).cleared);
+    }
     hp.epoch = None;
     hp.outbox = Outbox::new(OWNER_HOST);
     hp.inbox = Inbox::new(OWNER_HOST);
@@ -302,6 +311,7 @@ fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -
     // The slots the undelivered descriptors name, read back from the ring (which the
     // guest could have scribbled on: each is decoded and checked again).
     let mut named = Vec::with_capacity((tail - head) as usize);
+    let mut kept_broadcasts = Vec::new();
     let mut pos = head;
     while pos != tail {
         match to_guest.read_at(pos).map(|d| d.body) {
@@ -316,6 +326,7 @@ fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -
             Ok(Body::Large { .. }) if !hp.kept_files.iter().any(|(p, _)| *p == pos) => {
                 return false
             }
+            Ok(Body::Broadcast { index, .. }) => kept_broadcasts.push(index),
             Ok(_) => {}
             Err(_) => return false,
         }
@@ -336,6 +347,11 @@ fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -
         let pool = pools.class(class).expect("in range");
         let keep = |index, s| s == SlotState::Sent && named.contains(&(class as u8, index));
         hp.stats.reclaimed_slots += u64::from(pool.reclaim_where(keep));
+    }
+    // The guest's holds on broadcasts it consumed go; those still queued stay its.
+    if let Some(pool) = segment.broadcast() {
+        let released = pool.release_for_except(peer, |i| kept_broadcasts.contains(&i));
+        hp.stats.released_broadcasts += u64::from(released.cleared);
     }
     // Our side of the ring continues; every Free slot is found again by rescanning.
     hp.outbox.rescan();
@@ -369,6 +385,9 @@ pub(crate) fn forget_retained(segment: &Segment, peer: PeerId, hp: &mut HostPeer
     for class in 0..pools.classes() {
         let pool = pools.class(class).expect("in range");
         hp.stats.reclaimed_slots += u64::from(pool.reclaim_all(|_| false));
+    }
+    if let Some(pool) = segment.broadcast() {
+        hp.stats.released_broadcasts += u64::from(pool.release_for(peer).cleared);
     }
     hp.outbox = Outbox::new(OWNER_HOST);
     hp.large_out = LargeOutbox::default();

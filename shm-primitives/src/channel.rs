@@ -9,6 +9,7 @@
 
 use std::os::fd::BorrowedFd;
 
+use crate::broadcast::NO_WORD;
 use crate::desc::{Body, Descriptor, Meta, INLINE_CAPACITY};
 use crate::layout::MAX_CLASSES;
 use crate::ring::{Consumer, Producer, PushError, RingView};
@@ -268,8 +269,9 @@ pub enum Payload {
         /// Payload bytes.
         len: u32,
     },
-    /// In a broadcast slot (not yet validated: the caller checks it against the
-    /// broadcast pool).
+    /// In a broadcast slot whose reference we checked (Sent with this generation, our
+    /// holder bit set, `shm.broadcast.refcount`): give it up with
+    /// `BroadcastPool::release` when done.
     Broadcast {
         /// Slot index.
         index: u32,
@@ -340,10 +342,13 @@ impl Inbox {
 
     /// Takes the next message off the ring, or `None` when it is empty. An inline
     /// payload is copied out; a slot payload's slot is validated and claimed
-    /// (Sent -> Received) and stays claimed: the caller frees it. Broadcast and large
-    /// payloads are returned unvalidated for the caller's checks. Any impossible
-    /// value is a [`Violation`] and nothing is consumed. `bell` is the sender's
-    /// doorbell, rung if it waits for ring space.
+    /// (Sent -> Received) and stays claimed: the caller frees it. A broadcast
+    /// reference (ToGuest only) is checked and stays held: the caller releases it.
+    /// Large payloads are returned unvalidated for the caller's checks. Any
+    /// impossible value is a [`Violation`] and nothing is consumed, except a
+    /// broadcast reference the shared pool no longer backs, which is consumed and
+    /// reported once (`shm.broadcast.refcount`). `bell` is the sender's doorbell,
+    /// rung if it waits for ring space.
     // shm[impl shm.msg.inline]
     // shm[impl shm.msg.slot]
     // shm[impl shm.untrusted.validate]
@@ -387,11 +392,14 @@ impl Inbox {
                     len: desc.payload_len,
                 }
             }
-            Body::Broadcast { index, generation } => Payload::Broadcast {
-                index,
-                generation,
-                len: desc.payload_len,
-            },
+            Body::Broadcast { index, generation } => {
+                self.check_broadcast(ring, pools, index, generation, desc.payload_len, bell)?;
+                Payload::Broadcast {
+                    index,
+                    generation,
+                    len: desc.payload_len,
+                }
+            }
             Body::Large { seq } => Payload::Large {
                 seq,
                 len: desc.payload_len,
@@ -406,10 +414,39 @@ impl Inbox {
         }))
     }
 
-    /// Receives one inline or slot message into `out` (replacing its contents),
-    /// returning its meta, or `None` when the ring is empty. A slot payload's slot is
-    /// freed before this returns. A broadcast or large payload is a violation here
-    /// (use [`take`](Self::take) where those may arrive).
+    /// (C2) for a kind 2 descriptor (`shm.broadcast.refcount`). The index and length
+    /// are the descriptor's own: a bad one leaves it unconsumed, as for slots. The
+    /// state word and holder bit live in the pool every guest can write, so a failure
+    /// there is consumed (C3) and reported once: another guest must not be able to
+    /// wedge this ring.
+    // shm[impl shm.broadcast.refcount]
+    #[cold]
+    fn check_broadcast(
+        &mut self,
+        ring: &RingView<'_>,
+        pools: &Pools<'_>,
+        index: u32,
+        generation: u32,
+        len: u32,
+        bell: Option<BorrowedFd<'_>>,
+    ) -> Result<(), Violation> {
+        let pool = pools.broadcast().ok_or(Violation::Broadcast {
+            index,
+            generation,
+            found: NO_WORD,
+        })?;
+        pool.check_ref(index, generation, len)?;
+        pool.check_held(pools.peer(), index, generation)
+            .inspect_err(|_| {
+                self.consumer.advance(ring);
+                ring.wake_producer(bell);
+            })
+    }
+
+    /// Receives one message into `out` (replacing its contents), returning its meta,
+    /// or `None` when the ring is empty. A slot payload's slot is freed, and a
+    /// broadcast reference released, before this returns. A large payload is a
+    /// violation here (use [`take`](Self::take) where those may arrive).
     pub fn recv(
         &mut self,
         ring: &RingView<'_>,
@@ -425,10 +462,12 @@ impl Inbox {
     }
 }
 
-/// Copies an inline or slot payload into `out` and frees its slot. A slot whose word
-/// changed under us means the sender wrote a slot it no longer owned, so the copy may
-/// be torn: a violation (the message itself is consumed).
+/// Copies an inline, slot or broadcast payload into `out` and frees its slot (or
+/// releases its broadcast reference). A slot whose word changed under us means the
+/// sender wrote a slot it no longer owned, so the copy may be torn: a violation (the
+/// message itself is consumed).
 // shm[impl shm.slot.free]
+// shm[impl shm.broadcast.receive]
 pub fn copy_out(
     ring: &RingView<'_>,
     pools: &Pools<'_>,
@@ -460,12 +499,20 @@ pub fn copy_out(
             })
         }
         Payload::Broadcast {
-            index, generation, ..
-        } => Err(Violation::Broadcast {
             index,
             generation,
-            found: 0,
-        }),
+            len,
+        } => {
+            let no_pool = Violation::Broadcast {
+                index,
+                generation,
+                found: NO_WORD,
+            };
+            let pool = pools.broadcast().ok_or(no_pool)?;
+            pool.read_to_vec(index, len, out);
+            // The host never waits for a broadcast slot: nobody to wake.
+            pool.release(pools.peer(), index, generation).map(|_| ())
+        }
         Payload::Large { seq, .. } => Err(Violation::Large {
             seq,
             reason: "large payloads are not expected here",

@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod broadcast;
 pub mod channel;
 pub mod crash;
 pub mod desc;
@@ -26,6 +27,7 @@ pub mod view;
 pub mod violation;
 pub mod wait;
 
+pub use broadcast::{BroadcastPool, BroadcastRef, PeerSet};
 pub use channel::{ChannelSendError, Inbox, Incoming, Outbox, Payload, SlotLoan};
 pub use desc::{Meta, MsgKind, INLINE_CAPACITY};
 pub use header::HeaderError;

@@ -1,7 +1,8 @@
 //! A segment: a backing plus the validated layout that says where everything is.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::broadcast::{BroadcastMeta, BroadcastPool};
 use crate::header::{HeaderError, SegmentHeader};
 use crate::layout::{
     Direction, LayoutError, SegmentConfig, SegmentLayout, SlotClasses, POOL_HEADER_SIZE,
@@ -15,10 +16,24 @@ use crate::slot::{PoolHeader, PoolUsage, PoolView};
 ///
 /// Both constructors establish that the backing holds at least `layout.total_size`
 /// bytes, so every view below is in bounds by construction.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Segment {
     backing: ShmBacking,
     layout: SegmentLayout,
+    /// Where the host's next broadcast allocation starts (`shm.broadcast.alloc`).
+    /// Private memory, not shared: only the host's own segment ever allocates, and a
+    /// clone (a view's) starts from a copy it never uses.
+    broadcast_cursor: AtomicU32,
+}
+
+impl Clone for Segment {
+    fn clone(&self) -> Self {
+        Self {
+            backing: self.backing.clone(),
+            layout: self.layout,
+            broadcast_cursor: AtomicU32::new(self.broadcast_cursor.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// Why a segment could not be initialised.
@@ -57,7 +72,7 @@ impl Segment {
                 need: layout.total_size,
             });
         }
-        let seg = Self { backing, layout };
+        let seg = Self::new(backing, layout);
         seg.header().init(&layout, segment_id, host_pid);
         Ok(seg)
     }
@@ -68,7 +83,15 @@ impl Segment {
         let file_len = backing.region().len() as u64;
         let header = Self::header_of(backing.region())?;
         let layout = header.validate(file_len)?;
-        Ok(Self { backing, layout })
+        Ok(Self::new(backing, layout))
+    }
+
+    fn new(backing: ShmBacking, layout: SegmentLayout) -> Self {
+        Self {
+            backing,
+            layout,
+            broadcast_cursor: AtomicU32::new(0),
+        }
     }
 
     /// The header of a region, if the region is long enough to hold one.
@@ -141,6 +164,27 @@ impl Segment {
     pub fn pool(&self, id: PeerId, dir: Direction, class: usize) -> Option<PoolView<'_>> {
         self.pools(id, dir)?.class(class)
     }
+
+    /// The broadcast pool (`shm.broadcast.layout`), `None` when the segment has none.
+    // shm[impl shm.broadcast.layout]
+    pub fn broadcast(&self) -> Option<BroadcastPool<'_>> {
+        let config = &self.layout.config;
+        let n = config.broadcast_slots as usize;
+        if n == 0 {
+            return None;
+        }
+        let region = self.backing.region();
+        let off = self.layout.broadcast_offset as usize;
+        let metas = atomic_slice::<BroadcastMeta>(region, off, n)?;
+        let data = off + n * std::mem::size_of::<BroadcastMeta>();
+        Some(BroadcastPool::new(
+            metas,
+            region,
+            data,
+            config.broadcast_slot_size,
+            &self.broadcast_cursor,
+        ))
+    }
 }
 
 /// The pools of one direction of one guest area, one per slot class.
@@ -188,6 +232,22 @@ impl<'a> Pools<'a> {
         ))
     }
 
+    /// The guest whose area these pools are in.
+    pub fn peer(&self) -> PeerId {
+        PeerId::from_index(self.index).expect("built from a PeerId")
+    }
+
+    /// The broadcast pool, for the ToGuest direction only: only the host broadcasts,
+    /// so a broadcast reference travelling towards the host is never valid
+    /// (`shm.broadcast.refcount`).
+    #[cold]
+    pub fn broadcast(&self) -> Option<BroadcastPool<'a>> {
+        match self.dir {
+            Direction::ToGuest => self.segment.broadcast(),
+            Direction::ToHost => None,
+        }
+    }
+
     /// Slot counts over every class.
     pub fn usage(&self) -> PoolUsage {
         let mut total = PoolUsage::default();
@@ -200,10 +260,12 @@ impl<'a> Pools<'a> {
     }
 }
 
-/// Marker for the atomic integer types a shared slice may hold.
+/// Marker for the types a shared slice may hold: atomic integers, and `repr(C)`
+/// records made only of them with no padding.
 trait SharedAtomic {}
 impl SharedAtomic for AtomicU64 {}
 impl SharedAtomic for AtomicU32 {}
+impl SharedAtomic for BroadcastMeta {}
 
 fn atomic_slice<T: SharedAtomic>(region: Region<'_>, offset: usize, n: usize) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
@@ -211,8 +273,9 @@ fn atomic_slice<T: SharedAtomic>(region: Region<'_>, offset: usize, n: usize) ->
     if ptr.as_ptr() as usize % std::mem::align_of::<T>() != 0 {
         return None;
     }
-    // SAFETY: in bounds and aligned for T (checked); T is an atomic integer, which
-    // accepts any bit pattern and is only ever accessed atomically.
+    // SAFETY: in bounds and aligned for T (checked); T is an atomic integer or a
+    // padding-free record of them (`SharedAtomic`), which accepts any bit pattern and
+    // is only ever accessed atomically.
     Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<T>(), n) })
 }
 

@@ -1,6 +1,7 @@
 //! Zero-copy access to payloads in shared memory: received messages whose slot stays
-//! claimed until they are dropped (`shm.slot.view`), and the byte access both views
-//! and loans offer.
+//! claimed (or whose broadcast reference stays held) until they are dropped
+//! (`shm.slot.view`, `shm.broadcast.receive`), and the byte access both views and
+//! loans offer.
 //!
 //! A payload in a slot lives in memory the other party could, if it broke the
 //! protocol, write at any time. So a view never hands out a plain `&[u8]` as a safe
@@ -20,8 +21,9 @@ use crate::layout::Direction;
 use crate::peer::PeerId;
 use crate::segment::Segment;
 
-/// A received message. Inline payloads were copied out of the descriptor; a slot
-/// payload is read in place and its slot is freed when the message is dropped.
+/// A received message. Inline payloads were copied out of the descriptor; a slot or
+/// broadcast payload is read in place and its slot is freed (its broadcast reference
+/// released) when the message is dropped.
 #[derive(Debug)]
 pub struct Message {
     meta: Meta,
@@ -38,6 +40,21 @@ enum Body {
     /// A payload in a memory file passed on the doorbell (`shm.msg.large`): unmapped
     /// and closed on drop.
     Large(LargeView),
+    Broadcast(BroadcastView),
+}
+
+/// A held broadcast reference (`shm.broadcast.receive`): released on drop. The host
+/// never waits for a broadcast slot, so there is nobody to wake.
+#[derive(Debug)]
+struct BroadcastView {
+    segment: Segment,
+    /// The receiving guest, whose holder bit the reference is.
+    peer: PeerId,
+    index: u32,
+    generation: u32,
+    len: u32,
+    /// The slot's first byte: mapped while `segment` (which holds the mapping) lives.
+    ptr: std::ptr::NonNull<u8>,
 }
 
 /// A claimed slot: freed (and a sender parked for a slot woken) on drop.
@@ -62,7 +79,9 @@ struct SlotView {
 impl Message {
     /// A message taken off `peer`'s ring in direction `dir`. For a slot payload the
     /// slot must be claimed (Received) by the caller; the message frees it on drop.
-    /// Returns `None` for payload kinds that are not inline or slot.
+    /// For a broadcast payload (ToGuest only) the reference must have been checked by
+    /// the caller (`Inbox::take`); the message releases it on drop. Returns `None`
+    /// for other payload kinds, and for a broadcast in the ToHost direction.
     pub fn new(
         segment: &Segment,
         peer: PeerId,
@@ -99,6 +118,21 @@ impl Message {
                     live,
                 })
             }
+            Payload::Broadcast {
+                index,
+                generation,
+                len,
+            } if dir == Direction::ToGuest => {
+                let ptr = segment.broadcast()?.data_ptr(index)?;
+                Body::Broadcast(BroadcastView {
+                    segment: segment.clone(),
+                    peer,
+                    index,
+                    generation,
+                    len,
+                    ptr,
+                })
+            }
             Payload::Broadcast { .. } | Payload::Large { .. } => return None,
         };
         Some(Self { meta, body })
@@ -124,6 +158,7 @@ impl Message {
             Body::Inline(_, len) => *len as usize,
             Body::Slot(v) => v.len as usize,
             Body::Large(v) => v.len(),
+            Body::Broadcast(v) => v.len as usize,
         }
     }
 
@@ -132,9 +167,13 @@ impl Message {
         self.len() == 0
     }
 
-    /// True when the payload is read in place in a slot (not copied).
+    /// True when the payload is read in place in a slot or a broadcast slot (not
+    /// copied).
     pub fn is_zero_copy(&self) -> bool {
-        matches!(self.body, Body::Slot(_) | Body::Large(_))
+        matches!(
+            self.body,
+            Body::Slot(_) | Body::Broadcast(_) | Body::Large(_)
+        )
     }
 
     /// The payload as a plain slice when nobody can change it any more: a large
@@ -153,6 +192,7 @@ impl Message {
             Body::Inline(data, _) => data.as_ptr(),
             Body::Slot(v) => v.ptr.as_ptr().cast_const(),
             Body::Large(v) => v.as_ptr(),
+            Body::Broadcast(v) => v.ptr.as_ptr().cast_const(),
         }
     }
 
@@ -206,7 +246,10 @@ impl Message {
     /// holds it. A peer that breaks the protocol could write it meanwhile; use the
     /// copying reads when the other side is not trusted that far. The guarantee also
     /// ends if the receiving host or guest is dropped (its entry's slots may then be
-    /// reclaimed).
+    /// reclaimed). A broadcast payload is in a pool every guest can write: the host
+    /// never writes a slot it has sent, but a guest that breaks the protocol can have
+    /// it freed and reused early (`shm.broadcast.untrusted`), so for a broadcast the
+    /// caller vouches for every guest too.
     pub unsafe fn as_slice(&self) -> &[u8] {
         // SAFETY: `len` bytes from `as_ptr` are mapped while `self` lives; the
         // caller vouches that nobody writes them meanwhile.
@@ -236,6 +279,24 @@ impl Drop for SlotView {
         }
         if let Some(live) = &self.live {
             live.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+// SAFETY: as for SlotView: the mapping lives as long as `segment`, the reference is
+// this guest's until the drop releases it, and the bytes are only read.
+unsafe impl Send for BroadcastView {}
+// SAFETY: as for Send: `&BroadcastView` only reads.
+unsafe impl Sync for BroadcastView {}
+
+impl Drop for BroadcastView {
+    // shm[impl shm.broadcast.receive]
+    // shm[impl shm.broadcast.release]
+    fn drop(&mut self) {
+        if let Some(pool) = self.segment.broadcast() {
+            // A record changed under us means someone broke the protocol; there is
+            // nothing more a drop can do about it (`shm.broadcast.untrusted`).
+            let _ = pool.release(self.peer, self.index, self.generation);
         }
     }
 }

@@ -178,6 +178,8 @@ fn a_guest_that_detaches_and_returns_by_path_gets_what_it_left() {
         host.try_send(peer, Meta::new(DATA, n as u64), &pattern(3, n as u64, len))
             .unwrap();
     }
+    // A broadcast the guest never reads: its hold is kept with the message.
+    host.broadcast(Meta::new(DATA, 7), &[5u8; 3000]).unwrap();
     let first = guest.recv_message(LONG).unwrap().unwrap();
     assert_eq!(first.meta().user_id, 0);
     drop(first);
@@ -185,7 +187,12 @@ fn a_guest_that_detaches_and_returns_by_path_gets_what_it_left() {
     host.maintain();
     let info = host.peer_info(peer).unwrap();
     assert_eq!(info.state, Some(PeerState::Reserved));
-    assert_eq!(info.stats.retained, 2);
+    assert_eq!(info.stats.retained, 3);
+    assert_eq!(
+        host.broadcast_usage().unwrap().in_use,
+        1,
+        "the broadcast is kept"
+    );
     // Anyone attaching by path takes another entry; only the id gets this one.
     let stranger = ShmGuest::attach_path(seg.path()).unwrap();
     assert_ne!(stranger.peer_id(), peer);
@@ -200,6 +207,17 @@ fn a_guest_that_detaches_and_returns_by_path_gets_what_it_left() {
         assert_eq!(msg.meta(), Meta::new(DATA, n));
         assert_eq!(msg.to_vec(), pattern(3, n, sizes[n as usize]));
     }
+    let shared = back.recv_message(LONG).unwrap().unwrap();
+    assert_eq!(
+        (shared.meta(), shared.to_vec()),
+        (Meta::new(DATA, 7), vec![5u8; 3000])
+    );
+    drop(shared);
+    assert_eq!(
+        host.broadcast_usage().unwrap().in_use,
+        0,
+        "released by the reader"
+    );
     assert!(back.try_recv_message().unwrap().is_none());
     // Without at-least-once, what a departing guest left is discarded and counted.
     host.set_delivery(Delivery::AtMostOnce);
