@@ -16,11 +16,18 @@
 
 #[cfg(feature = "tokio")]
 mod async_guest;
+mod rpc;
 mod ticket;
 mod watch;
 
 #[cfg(feature = "tokio")]
 pub use async_guest::AsyncGuest;
+#[cfg(feature = "tokio")]
+pub use rpc::{AsyncPendingCall, AsyncRpcClient};
+pub use rpc::{
+    CallError, Canceller, PendingCall, ReplyError, Response, RpcClient, RpcOptions, RpcSetupError,
+    RpcStats, DEFAULT_MAX_IN_FLIGHT, DEFAULT_QUEUE_CAPACITY, MAX_IN_FLIGHT,
+};
 
 use std::fs::{File, OpenOptions};
 use std::io;

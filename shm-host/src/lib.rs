@@ -21,6 +21,7 @@ mod doorbells;
 mod file;
 mod liveness;
 mod peers;
+mod rpc;
 mod spawn;
 
 #[cfg(feature = "tokio")]
@@ -56,6 +57,7 @@ use liveness::GuestLink;
 pub use liveness::{Death, DeathCause, DEFAULT_LIVENESS_INTERVAL};
 use peers::HostPeer;
 pub use peers::{PeerInfo, PeerStats, PeerUsage};
+pub use rpc::{ReplyError, ReplyLoan};
 pub use shm_primitives::slot::PoolUsage;
 pub use spawn::{GuestOptions, SpawnError, SpawnTicket, SpawnedGuest};
 
