@@ -1,5 +1,6 @@
 //! The shmhub demo: a host in this process, two guest processes (one attaching by
-//! path, one spawned by the host with a spawn ticket), messages both ways, round-trip
+//! path, one spawned by the host with a spawn ticket), messages both ways, a 64 MiB
+//! payload read in place, request/response calls from many threads, round-trip
 //! latency, and a third guest SIGKILLed and recovered.
 //!
 //! Run: `cargo run --release -p shmhub --example demo`
@@ -8,7 +9,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shmhub::{segment_path, Meta, SegmentConfig, ShmGuest, ShmHost, SlotClasses};
+use shmhub::{segment_path, Meta, RpcClient, SegmentConfig, ShmGuest, ShmHost, SlotClasses};
 
 const HELLO: u32 = 1;
 const PING: u32 = 2;
@@ -17,6 +18,13 @@ const BYE: u32 = 4;
 /// A large payload: the guest answers with the FNV-1a hash of what it read in place.
 const LARGE: u32 = 5;
 const HASH: u32 = 6;
+/// Request/response: the host asks the ticket guest to call it; the guest's calls; the
+/// guest's report of how they went.
+const CALL_NOW: u32 = 7;
+const SQUARE: u32 = 8;
+const CALLED: u32 = 9;
+const CALLS: usize = 2000;
+const THREADS: usize = 8;
 
 /// FNV-1a over a byte slice (the demo's checksum of a large payload).
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -29,7 +37,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("guest") => guest(Some(&args[2])),
-        Some("ticket-guest") => guest(None),
+        Some("ticket-guest") => rpc_guest(),
         _ => host(),
     }
 }
@@ -71,6 +79,81 @@ fn guest(path: Option<&str>) {
         }
     }
     g.detach();
+}
+
+/// The ticket guest: serves pings like the other, and on CALL_NOW calls its host from
+/// several threads at once through one `RpcClient` (each call matched to its caller by
+/// the id in `user_id`), then reports the call latency.
+fn rpc_guest() {
+    let guest = ShmGuest::from_env().expect("attach");
+    let client = RpcClient::new(guest).expect("rpc client");
+    let hello = format!(
+        "hello from pid {} (attached by spawn ticket)",
+        std::process::id()
+    );
+    let wait = Duration::from_secs(5);
+    client
+        .send(Meta::new(HELLO, 0), hello.as_bytes(), wait)
+        .expect("hello");
+    let mut buf = Vec::new();
+    loop {
+        let Some(msg) = client.recv_message(Duration::from_secs(30)).expect("recv") else {
+            panic!("the host went quiet for 30 s");
+        };
+        let m = msg.meta();
+        match m.msg_type {
+            PING => {
+                msg.copy_into(&mut buf);
+                drop(msg);
+                client
+                    .send(Meta::new(PONG, m.user_id), &buf, wait)
+                    .expect("pong");
+            }
+            CALL_NOW => {
+                let started = Instant::now();
+                let mut samples: Vec<u64> = std::thread::scope(|s| {
+                    let workers: Vec<_> = (0..THREADS)
+                        .map(|t| {
+                            let client = &client;
+                            s.spawn(move || {
+                                (0..CALLS / THREADS)
+                                    .map(|i| {
+                                        let x = (t * 1_000_000 + i) as u64;
+                                        let t0 = Instant::now();
+                                        let r = client
+                                            .call(SQUARE, &x.to_le_bytes(), wait)
+                                            .expect("call");
+                                        let ns = t0.elapsed().as_nanos() as u64;
+                                        assert_eq!(r.read_pod::<u64>(), Some(x * x), "my answer");
+                                        ns
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .flat_map(|w| w.join().unwrap())
+                        .collect()
+                });
+                let total = started.elapsed();
+                samples.sort_unstable();
+                let report = format!(
+                    "{CALLS} calls from {THREADS} threads, each answer matched to its caller, \
+                     in {:.1} ms: p50 {:.1} us, p99 {:.1} us per call ({} late responses)",
+                    total.as_secs_f64() * 1e3,
+                    samples[samples.len() / 2] as f64 / 1e3,
+                    samples[samples.len() * 99 / 100] as f64 / 1e3,
+                    client.stats().late_responses
+                );
+                client
+                    .send(Meta::new(CALLED, 0), report.as_bytes(), wait)
+                    .expect("report");
+            }
+            BYE => break,
+            _ => {}
+        }
+    }
 }
 
 fn spawn_path_guest(path: &str) -> Child {
@@ -142,10 +225,16 @@ fn host() {
 
     // A 64 MiB payload travels in a sealed memory file passed on the guest's doorbell;
     // the guest reads it in place and answers with its hash.
+    let path_guest = *peers.iter().find(|&&p| p != spawned.handle.id).unwrap();
     let big: Vec<u8> = (0..64usize << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
     let t = Instant::now();
-    host.send(peers[0], Meta::new(LARGE, 1), &big, Duration::from_secs(5))
-        .unwrap();
+    host.send(
+        path_guest,
+        Meta::new(LARGE, 1),
+        &big,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let m = recv(&mut host, &mut buf, deadline);
     let took = t.elapsed();
     assert_eq!(m.meta.msg_type, HASH);
@@ -153,12 +242,35 @@ fn host() {
     println!(
         "host: 64 MiB to {} in a sealed memfd, hashed in place by the guest: {:.1} ms \
          round trip (one copy into the file, none out)",
-        peers[0],
+        path_guest,
         took.as_secs_f64() * 1e3
     );
 
+    // Request/response: the ticket guest calls us from several threads at once.
+    host.try_send(spawned.handle, Meta::new(CALL_NOW, 0), b"")
+        .unwrap();
+    loop {
+        let (req, msg) = host
+            .recv_message(deadline.saturating_duration_since(Instant::now()))
+            .expect("recv")
+            .expect("the guest did not call in time");
+        if req.meta.msg_type == CALLED {
+            println!(
+                "host: {} made {}",
+                req.from,
+                String::from_utf8_lossy(&msg.to_vec())
+            );
+            break;
+        }
+        assert!(req.is_request());
+        let x: u64 = msg.read_pod().expect("a u64 argument");
+        drop(msg);
+        host.reply(&req, &(x * x).to_le_bytes(), Duration::from_secs(5))
+            .unwrap();
+    }
+
     for &(len, rounds) in &[(8usize, 20_000u64), (4096, 5_000)] {
-        let peer = peers[0];
+        let peer = path_guest;
         let payload = vec![0xA5u8; len];
         let mut samples = Vec::with_capacity(rounds as usize);
         for n in 0..rounds {
