@@ -40,11 +40,10 @@ use std::time::{Duration, Instant};
 
 use shm_primitives::channel::copy_out;
 use shm_primitives::crash::{self, CrashPoint};
-use shm_primitives::desc::Body;
 use shm_primitives::doorbell::{self, Hello};
 use shm_primitives::header::HEADER_SIZE;
 pub use shm_primitives::large_link::LargeSendError;
-use shm_primitives::large_link::{LargeOutbox, MAX_LARGE_PAYLOAD};
+use shm_primitives::large_link::{send_large, LargeChannelError, LargeOutbox, MAX_LARGE_PAYLOAD};
 use shm_primitives::lock;
 use shm_primitives::slot::owner_word;
 use shm_primitives::view::SlotBytes;
@@ -399,8 +398,12 @@ impl ShmGuest {
         // shm[impl shm.delivery.at-least-once]
         let ring = segment.ring(id, Direction::ToGuest).expect("claimed id");
         let owner = owner_word(id.get(), generation);
-        let inbox = match Inbox::resume(&ring, owner) {
-            Ok(inbox) => inbox,
+        let resumed = Inbox::resume(&ring, owner).and_then(|mut inbox| {
+            let pending = inbox.pending(&ring)?;
+            Ok((inbox, pending > 0))
+        });
+        let (inbox, resumed) = match resumed {
+            Ok(got) => got,
             Err(violation) => {
                 if let Some(entry) = segment.peer(id) {
                     entry.goodbye(generation);
@@ -408,7 +411,10 @@ impl ShmGuest {
                 return Err(AttachError::Violation(violation));
             }
         };
-        let watch = HostWatch::new(&segment, doorbell);
+        let mut watch = HostWatch::new(&segment, doorbell);
+        if resumed {
+            watch.large_wait = RESUMED_FILE_WAIT;
+        }
         Ok(Self {
             segment,
             id,
@@ -882,7 +888,12 @@ fn send_once(
     let ring = segment.ring(me.0, Direction::ToHost).expect("validated id");
     let bell = Some(watch.doorbell());
     if payload.len() > segment.layout().config.max_slot_payload() {
-        send_large(&ring, watch.doorbell(), outbox, large, meta, payload)?;
+        send_large(&ring, watch.doorbell(), (outbox, large), meta, payload).map_err(
+            |e| match e {
+                LargeChannelError::Channel(e) => send_err(e),
+                LargeChannelError::Pass(e) => SendError::Large(e),
+            },
+        )?;
     } else {
         let pools = segment
             .pools(me.0, Direction::ToHost)
@@ -894,41 +905,6 @@ fn send_once(
     // shm[impl shm.wake.host-bell]: after every publish, a syscall only if parked.
     segment.header().ring_host_bell(bell);
     Ok(())
-}
-
-/// Sends a payload above the largest slot class in a sealed memory file passed on
-/// the doorbell (`shm.msg.large`): room in the ring first (this guest is the ring's
-/// only producer, so it stays), then the file, then the descriptor naming it.
-#[cold]
-fn send_large(
-    ring: &shm_primitives::ring::RingView<'_>,
-    doorbell: BorrowedFd<'_>,
-    outbox: &mut Outbox,
-    large: &mut LargeOutbox,
-    meta: Meta,
-    payload: &[u8],
-) -> Result<(), SendError> {
-    if payload.len() > MAX_LARGE_PAYLOAD {
-        return Err(SendError::TooLarge {
-            len: payload.len(),
-            max: MAX_LARGE_PAYLOAD,
-        });
-    }
-    if !outbox.has_space(ring).map_err(SendError::Violation)? {
-        return Err(SendError::WouldBlockRing);
-    }
-    let mut buffer = LargeOutbox::buffer(payload.len())?;
-    buffer.write_at(0, payload);
-    let (seq, _file) = large.pass(buffer, doorbell)?;
-    outbox
-        .push(
-            ring,
-            meta,
-            payload.len() as u32,
-            Body::Large { seq },
-            Some(doorbell),
-        )
-        .map_err(send_err)
 }
 
 fn send_err(e: ChannelSendError) -> SendError {
@@ -1040,9 +1016,10 @@ fn take_once(
     .ok_or(RecvError::Violation(Violation::DescKind { kind }))
 }
 
-/// How long a guest waits for a large payload's file that has not arrived with its
-/// descriptor: only a guest resuming a retained entry by path can see that (the host
-/// passes the retained files again once it links the guest's new doorbell).
+/// How long a guest that resumed retained messages waits for a large payload's file
+/// that has not arrived with its descriptor: one that attached by path can read it
+/// before the host links its new doorbell and passes the kept files again. Any other
+/// guest's files always arrive first, so it never waits.
 const RESUMED_FILE_WAIT: Duration = Duration::from_secs(2);
 
 /// Maps the memory file of a large payload the host announced.
@@ -1055,7 +1032,7 @@ fn open_large(
     let doorbell = Arc::clone(watch.doorbell_arc());
     watch
         .large_in
-        .open(doorbell.as_fd(), seq, len, RESUMED_FILE_WAIT)
+        .open(doorbell.as_fd(), seq, len, watch.large_wait)
         .map_err(RecvError::Violation)
 }
 

@@ -39,6 +39,9 @@ pub(crate) struct HostWatch {
     /// Memory files of large payloads the host passed on the doorbell, waiting for
     /// their descriptors (`shm.msg.large`).
     pub(crate) large_in: LargeInbox,
+    /// How long a receive waits for a large payload's file that has not arrived with
+    /// its descriptor: zero, except for a guest that resumed retained messages.
+    pub(crate) large_wait: Duration,
     /// Sticky: once the host is gone, every call reports it.
     gone: Option<DetachedError>,
 }
@@ -53,6 +56,7 @@ impl HostWatch {
             last_beat: segment.header().heartbeat(),
             last_beat_change: now,
             large_in: LargeInbox::default(),
+            large_wait: Duration::ZERO,
             gone: None,
         }
     }

@@ -37,10 +37,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shm_primitives::channel::copy_out;
-use shm_primitives::desc::Body;
 use shm_primitives::large::LargeView;
 pub use shm_primitives::large_link::LargeSendError;
-use shm_primitives::large_link::{LargeOutbox, MAX_LARGE_PAYLOAD};
+use shm_primitives::large_link::{send_large, LargeChannelError, MAX_LARGE_PAYLOAD};
 use shm_primitives::view::SlotBytes;
 pub use shm_primitives::Message;
 use shm_primitives::Payload;
@@ -1167,9 +1166,11 @@ fn send_once(
     let bell = peers::doorbell(&hp.link, generation);
     if payload.len() > segment.layout().config.max_slot_payload() {
         let bell = bell.ok_or(SendError::NoDoorbell(peer))?;
-        let (outbox, large) = (&mut hp.outbox, &mut hp.large_out);
-        let file = send_large(&ring, bell, outbox, large, meta, payload)
-            .map_err(|e| e.into_send_error(hp, entry, peer, generation))?;
+        let boxes = (&mut hp.outbox, &mut hp.large_out);
+        let file = send_large(&ring, bell, boxes, meta, payload).map_err(|e| match e {
+            LargeChannelError::Channel(e) => channel_err(hp, entry, peer, generation, e),
+            LargeChannelError::Pass(e) => SendError::Large(e),
+        })?;
         hp.stats.sent += 1;
         if hp.at_least_once {
             let pos = hp.outbox.published().wrapping_sub(1);
@@ -1186,64 +1187,6 @@ fn send_once(
         }
         Err(e) => Err(channel_err(hp, entry, peer, generation, e)),
     }
-}
-
-/// Why a large send failed, before it is mapped to the API's error.
-enum LargeFailure {
-    TooLarge(usize),
-    Channel(ChannelSendError),
-    Pass(LargeSendError),
-}
-
-impl LargeFailure {
-    fn into_send_error(
-        self,
-        hp: &mut HostPeer,
-        entry: &shm_primitives::peer::PeerEntry,
-        peer: PeerId,
-        generation: u32,
-    ) -> SendError {
-        match self {
-            LargeFailure::TooLarge(len) => SendError::TooLarge {
-                len,
-                max: MAX_LARGE_PAYLOAD,
-            },
-            LargeFailure::Channel(e) => channel_err(hp, entry, peer, generation, e),
-            LargeFailure::Pass(e) => SendError::Large(e),
-        }
-    }
-}
-
-/// Sends a payload above the largest slot class in a sealed memory file passed on
-/// the guest's doorbell (`shm.msg.large`): room in the ring first (the host is the
-/// ring's only producer, so it stays), then the file, then the descriptor naming it.
-/// Returns the host's descriptor of the sealed file.
-// shm[impl shm.msg.large]
-#[cold]
-fn send_large(
-    ring: &shm_primitives::ring::RingView<'_>,
-    doorbell: BorrowedFd<'_>,
-    outbox: &mut shm_primitives::Outbox,
-    large: &mut LargeOutbox,
-    meta: Meta,
-    payload: &[u8],
-) -> Result<std::os::fd::OwnedFd, LargeFailure> {
-    if payload.len() > MAX_LARGE_PAYLOAD {
-        return Err(LargeFailure::TooLarge(payload.len()));
-    }
-    match outbox.has_space(ring) {
-        Ok(true) => {}
-        Ok(false) => return Err(LargeFailure::Channel(ChannelSendError::RingFull)),
-        Err(v) => return Err(LargeFailure::Channel(ChannelSendError::Violation(v))),
-    }
-    let mut buffer = LargeOutbox::buffer(payload.len()).map_err(LargeFailure::Pass)?;
-    buffer.write_at(0, payload);
-    let (seq, file) = large.pass(buffer, doorbell).map_err(LargeFailure::Pass)?;
-    let len = payload.len() as u32;
-    outbox
-        .push(ring, meta, len, Body::Large { seq }, Some(doorbell))
-        .map_err(LargeFailure::Channel)?;
-    Ok(file)
 }
 
 /// Checks that `to` names an attached guest; its entry and generation.

@@ -12,8 +12,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::channel::{ChannelSendError, Outbox};
+use crate::desc::{Body, Meta};
 use crate::doorbell::Drained;
 use crate::large::{self, LargeBuffer, LargeError, LargeView};
+use crate::ring::RingView;
 use crate::violation::Violation;
 
 /// The largest payload the large-payload path carries, in either direction: 1 GiB.
@@ -80,6 +83,52 @@ impl LargeOutbox {
             }),
         }
     }
+}
+
+/// Why [`send_large`] did not publish: the ring (or the length, `TooLarge` up to
+/// [`MAX_LARGE_PAYLOAD`]), or passing the file.
+#[derive(Debug)]
+pub enum LargeChannelError {
+    /// As for any send on the ring.
+    Channel(ChannelSendError),
+    /// The memory file could not be made or passed.
+    Pass(LargeSendError),
+}
+
+/// Sends a payload above the largest slot class in a sealed memory file passed on
+/// `doorbell`, the receiver's (`shm.msg.large`): room in the ring first (the caller is
+/// the ring's only producer, so it stays), then the file, then the descriptor naming
+/// it. Returns the sender's descriptor of the sealed file (drop it unless it is kept
+/// for redelivery).
+// shm[impl shm.msg.large]
+#[cold]
+pub fn send_large(
+    ring: &RingView<'_>,
+    doorbell: BorrowedFd<'_>,
+    (outbox, large): (&mut Outbox, &mut LargeOutbox),
+    meta: Meta,
+    payload: &[u8],
+) -> Result<OwnedFd, LargeChannelError> {
+    use LargeChannelError::{Channel, Pass};
+    if payload.len() > MAX_LARGE_PAYLOAD {
+        return Err(Channel(ChannelSendError::TooLarge {
+            len: payload.len(),
+            max: MAX_LARGE_PAYLOAD,
+        }));
+    }
+    match outbox.has_space(ring) {
+        Ok(true) => {}
+        Ok(false) => return Err(Channel(ChannelSendError::RingFull)),
+        Err(v) => return Err(Channel(ChannelSendError::Violation(v))),
+    }
+    let mut buffer = LargeOutbox::buffer(payload.len()).map_err(Pass)?;
+    buffer.write_at(0, payload);
+    let (seq, file) = large.pass(buffer, doorbell).map_err(Pass)?;
+    let len = payload.len() as u32;
+    outbox
+        .push(ring, meta, len, Body::Large { seq }, Some(doorbell))
+        .map_err(Channel)?;
+    Ok(file)
 }
 
 /// The receiving side: memory files received on the doorbell, in arrival order.
