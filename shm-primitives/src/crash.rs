@@ -12,7 +12,7 @@ pub enum CrashPoint {
     AfterClaim,
     /// A slot is Loaned and holds the payload; no descriptor references it yet.
     SlotLoaned,
-    /// The descriptor words are written into the ring; the tail is not yet published.
+    /// The descriptor is written and stamped (published); the tail is not advanced.
     DescriptorWritten,
     /// The host is inside a blocking receive, about to park, with whatever guests are
     /// attached (and parked) at that moment.

@@ -104,7 +104,8 @@ pub enum Body {
 /// A decoded descriptor (`shm.ring.desc-layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Descriptor {
-    /// The ring position the descriptor was written at.
+    /// The ring position the descriptor was written at (stored as the stamp
+    /// `seq + 1`).
     pub seq: u64,
     /// Application header.
     pub meta: Meta,
@@ -128,7 +129,9 @@ impl Descriptor {
     // shm[impl shm.ring.desc-layout]
     pub fn encode(&self) -> [u64; DESC_WORDS] {
         let mut b = [0u8; DESC_SIZE];
-        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        // The stamp: position + 1, so the all-zero entry of a fresh or reset ring
+        // never matches a position (`shm.ring.desc-layout`).
+        b[0..8].copy_from_slice(&self.seq.wrapping_add(1).to_le_bytes());
         b[8..16].copy_from_slice(&self.meta.user_id.to_le_bytes());
         b[16..20].copy_from_slice(&self.meta.msg_type.to_le_bytes());
         b[20..24].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -189,7 +192,7 @@ impl Descriptor {
         };
         let kind = MsgKind::from_byte(b[26]).ok_or(DecodeError::MsgKind(b[26]))?;
         Ok(Self {
-            seq: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            seq: u64::from_le_bytes(b[0..8].try_into().unwrap()).wrapping_sub(1),
             meta: Meta {
                 user_id: u64::from_le_bytes(b[8..16].try_into().unwrap()),
                 msg_type: u32_at(16),
@@ -223,7 +226,7 @@ mod tests {
         for (i, w) in words.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        assert_eq!(&b[0..8], &0x0102_0304_0506_0708u64.to_le_bytes()); // seq
+        assert_eq!(&b[0..8], &0x0102_0304_0506_0709u64.to_le_bytes()); // stamp = seq + 1
         assert_eq!(&b[8..16], &0x1122_3344_5566_7788u64.to_le_bytes()); // user_id
         assert_eq!(&b[16..20], &0xAABB_CCDDu32.to_le_bytes()); // msg_type
         assert_eq!(&b[20..24], &0x100u32.to_le_bytes()); // payload_len

@@ -187,6 +187,10 @@ impl<'a> RingView<'a> {
     /// Zeroes both counters. Only for the host, when no guest uses the ring.
     // shm[impl shm.slot.reclaim]
     pub fn reset(&self) {
+        // Stamps from the last use could match the positions of the next: clear them.
+        for entry in self.descs.chunks_exact(DESC_WORDS) {
+            entry[0].store(0, Ordering::Relaxed);
+        }
         self.header.head.store(0, Ordering::Relaxed);
         self.header.consumer_parked.store(0, Ordering::Relaxed);
         self.header.producer_parked.store(0, Ordering::Relaxed);
@@ -210,6 +214,17 @@ fn decode_violation(e: DecodeError) -> Violation {
         DecodeError::Kind(kind) => Violation::DescKind { kind },
         DecodeError::MsgKind(flags) => Violation::DescFlags { flags },
     }
+}
+
+/// Depth as a consumer sees it. The consumer follows the stamps, so it may be one
+/// entry ahead of the shared tail: the producer stores the tail just after the stamp
+/// (`shm.ring.produce`), and may have died in between. That is depth 0, not a
+/// violation.
+fn consumer_depth(head: u64, tail: u64, capacity: u32) -> Result<u32, Violation> {
+    if tail.wrapping_add(1) == head {
+        return Ok(0);
+    }
+    check_distance(head, tail, capacity)
 }
 
 fn check_distance(head: u64, tail: u64, capacity: u32) -> Result<u32, Violation> {
@@ -278,13 +293,18 @@ impl Producer {
             return Err(PushError::Full);
         }
         desc.seq = self.tail;
-        // (P2) Relaxed stores of the 8 descriptor words.
-        for (cell, word) in ring.slot(self.tail).iter().zip(desc.encode()) {
+        let words = desc.encode();
+        let entry = ring.slot(self.tail);
+        // (P2) Relaxed stores of descriptor words 1..8, then the stamp (word 0, the
+        // position + 1) with Release: a consumer that Acquire-loads the stamp sees
+        // the whole entry, without touching the tail's cache line.
+        for (cell, &word) in entry[1..].iter().zip(&words[1..]) {
             cell.store(word, Ordering::Relaxed);
         }
+        entry[0].store(words[0], Ordering::Release);
         crate::crash::point(crate::crash::CrashPoint::DescriptorWritten);
-        // (P3) Store the new tail: Release publishes the descriptor words above;
-        // SeqCst also orders it before the parked-flag load in P4.
+        // (P3) Store the new tail (for waiters and accounting): SeqCst orders it
+        // before the parked-flag load in P4.
         self.tail = self.tail.wrapping_add(1);
         ring.header.tail.store(self.tail, Ordering::SeqCst);
         // (P4) Wake the consumer if (and only if) it is parked.
@@ -293,11 +313,11 @@ impl Producer {
     }
 }
 
-/// The consumer's private state for one ring.
+/// The consumer's private state for one ring: its counter. It needs no cache of the
+/// producer's counter, since each entry's stamp says whether it is published.
 #[derive(Debug, Default, Clone)]
 pub struct Consumer {
     head: u64,
-    tail_cache: u64,
 }
 
 impl Consumer {
@@ -313,48 +333,58 @@ impl Consumer {
         let head = ring.header.head.load(Ordering::Acquire);
         let tail = ring.header.tail.load(Ordering::Acquire);
         check_distance(head, tail, ring.capacity)?;
-        Ok(Self {
-            head,
-            tail_cache: head,
-        })
+        Ok(Self { head })
     }
 
     /// Reads the next descriptor without consuming it, or `None` when the ring is
-    /// empty. Only the shared tail is loaded, and only when the cache says empty.
+    /// empty. A published entry is recognised by its stamp alone; the shared tail is
+    /// loaded only when the stamp says the entry is not published.
     // shm[impl shm.ring.consume]
     // shm[impl shm.ring.validate]
     pub fn peek(&mut self, ring: &RingView<'_>) -> Result<Option<Descriptor>, Violation> {
-        if self.head == self.tail_cache {
-            // (C1) Acquire-load tail: pairs with P3, so the descriptor words are
-            // visible.
+        let entry = ring.slot(self.head);
+        let expected = self.head.wrapping_add(1);
+        // (C1) Acquire-load the entry's stamp: it pairs with the producer's Release
+        // store of it (P2), so one cache line tells us whether the entry is ours.
+        let mut stamp = entry[0].load(Ordering::Acquire);
+        if stamp != expected {
+            // Not (yet) published, as far as this line says: the tail decides.
             let tail = ring.header.tail.load(Ordering::Acquire);
-            check_distance(self.head, tail, ring.capacity)?;
-            self.tail_cache = tail;
-            if tail == self.head {
+            if consumer_depth(self.head, tail, ring.capacity)? == 0 {
                 return Ok(None);
             }
+            // The tail says published; its Acquire pairs with P3, which follows the
+            // stamp's store: the stamp is now visible, and must be ours.
+            stamp = entry[0].load(Ordering::Acquire);
+            if stamp != expected {
+                return Err(Violation::DescSequence {
+                    expected: self.head,
+                    found: stamp.wrapping_sub(1),
+                });
+            }
         }
-        // (C2) Relaxed loads of the 8 descriptor words.
+        // (C2) Relaxed loads of the remaining words, ordered after the stamp's Acquire.
         let mut words = [0u64; DESC_WORDS];
-        for (w, cell) in words.iter_mut().zip(ring.slot(self.head)) {
+        words[0] = stamp;
+        for (w, cell) in words[1..].iter_mut().zip(&entry[1..]) {
             *w = cell.load(Ordering::Relaxed);
         }
         let desc = Descriptor::decode(&words).map_err(decode_violation)?;
-        if desc.seq != self.head {
-            return Err(Violation::DescSequence {
-                expected: self.head,
-                found: desc.seq,
-            });
-        }
+        debug_assert_eq!(desc.seq, self.head);
         Ok(Some(desc))
     }
 
     /// Descriptors published but not consumed, from the validated shared tail.
+    /// An entry whose stamp is published but whose tail store never came (its
+    /// producer died between P2 and P3) counts: it is published.
     pub fn pending(&mut self, ring: &RingView<'_>) -> Result<u32, Violation> {
         let tail = ring.header.tail.load(Ordering::Acquire);
-        let depth = check_distance(self.head, tail, ring.capacity)?;
-        self.tail_cache = tail;
-        Ok(depth)
+        let depth = consumer_depth(self.head, tail, ring.capacity)?;
+        if tail.wrapping_add(1) == self.head || depth == ring.capacity {
+            return Ok(depth);
+        }
+        let stamped = ring.slot(tail)[0].load(Ordering::Acquire) == tail.wrapping_add(1);
+        Ok(depth + u32::from(stamped))
     }
 
     /// Consumes the descriptor last returned by `peek`.

@@ -457,6 +457,42 @@ mod tests {
         assert_eq!(pools.usage().in_use, 0);
     }
 
+    // shm[verify shm.ring.consume]
+    // shm[verify shm.ring.desc-layout]
+    #[test]
+    fn a_consumer_follows_stamps_and_a_reset_clears_them() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let seg = heap_segment(SegmentConfig {
+            ring_capacity: 4,
+            ..SegmentConfig::default()
+        });
+        let ring = seg.ring(id(1), Direction::ToGuest).unwrap();
+        let pools = seg.pools(id(1), Direction::ToGuest).unwrap();
+        let tail = seg
+            .backing()
+            .region()
+            .atomic_u64(seg.layout().ring_offset(0, Direction::ToGuest) as usize)
+            .unwrap();
+        let (mut tx, mut rx) = (Outbox::new(0), Inbox::new(0));
+        let mut buf = Vec::new();
+        // A zeroed ring is empty: stamp 0 never equals a position + 1.
+        assert_eq!(rx.recv(&ring, &pools, &mut buf, None).unwrap(), None);
+        tx.send(&ring, &pools, Meta::new(1, 7), b"a", None).unwrap();
+        // The stamp alone publishes: a tail still behind (a producer between P2 and
+        // P3) does not hide the entry, and is not a violation once it is consumed.
+        tail.store(0, SeqCst);
+        let meta = rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
+        assert_eq!((meta.user_id, buf.as_slice()), (7, &b"a"[..]));
+        assert_eq!(rx.recv(&ring, &pools, &mut buf, None).unwrap(), None);
+        // After a reset, the old stamp at entry 0 must not look like position 0.
+        ring.reset();
+        let (mut tx, mut rx) = (Outbox::new(0), Inbox::new(0));
+        assert_eq!(rx.recv(&ring, &pools, &mut buf, None).unwrap(), None);
+        tx.send(&ring, &pools, Meta::new(1, 8), b"b", None).unwrap();
+        let meta = rx.recv(&ring, &pools, &mut buf, None).unwrap().unwrap();
+        assert_eq!(meta.user_id, 8);
+    }
+
     // shm[verify shm.wake.signal]
     #[test]
     fn no_wake_syscall_unless_the_other_side_is_parked() {
@@ -546,11 +582,16 @@ mod tests {
         ));
         header
             .tail
-            .store(u64::MAX, std::sync::atomic::Ordering::Release);
+            .store(u64::MAX - 1, std::sync::atomic::Ordering::Release);
         assert!(
             matches!(c.peek(&ring), Err(Violation::RingIndex { .. })),
             "tail behind head"
         );
+        // One behind is a producer between its stamp and its tail: empty, not a fault.
+        header
+            .tail
+            .store(u64::MAX, std::sync::atomic::Ordering::Release);
+        assert_eq!(c.peek(&ring), Ok(None));
         // A tail that claims one descriptor that was never written: seq mismatch.
         let empty = || crate::desc::Descriptor {
             seq: 0,
@@ -568,7 +609,7 @@ mod tests {
             c.peek(&ring),
             Err(Violation::DescSequence {
                 expected: 1,
-                found: 0
+                found: u64::MAX, // stamp 0: never written
             })
         ));
         // A producer facing an impossible head gets a violation, not a write.

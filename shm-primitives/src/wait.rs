@@ -41,6 +41,9 @@ impl Default for WaitPolicy {
     }
 }
 
+/// Spin rounds between two reads of the clock.
+const CLOCK_EVERY: u32 = 64;
+
 /// Runs `attempt` until it yields a value, an error, or `timeout` passes (`Ok(None)`).
 // shm[impl shm.wake.park]
 // shm[impl shm.wake.timeout]
@@ -57,6 +60,16 @@ pub fn wait_for<T, E>(
         if let Some(v) = attempt()? {
             return Ok(Some(v));
         }
+        let spinning = spins < policy.spin_rounds;
+        if spinning {
+            spins += 1;
+            // A clock read costs more than an attempt: look at it only now and then,
+            // so a spinning waiter sees new data within one attempt.
+            if spins % CLOCK_EVERY != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+        }
         let left = match deadline {
             Some(d) => d.saturating_duration_since(Instant::now()),
             None => Duration::MAX,
@@ -64,8 +77,7 @@ pub fn wait_for<T, E>(
         if left.is_zero() {
             return Ok(None);
         }
-        if spins < policy.spin_rounds {
-            spins += 1;
+        if spinning {
             std::hint::spin_loop();
             continue;
         }
