@@ -591,7 +591,10 @@ impl ShmGuest {
     pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<Meta>, RecvError> {
         let me = (self.id, self.generation);
         let got = recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf)?;
-        self.after_try_recv(got.is_some())?;
+        if self.after_try_recv(got.is_some()).is_err() {
+            // The host just turned out gone: deliver what it published first.
+            return recv_once(&self.segment, me, &mut self.watch, &mut self.inbox, buf);
+        }
         Ok(got)
     }
 
@@ -633,7 +636,10 @@ impl ShmGuest {
     pub fn try_recv_message(&mut self) -> Result<Option<Message>, RecvError> {
         let me = (self.id, self.generation);
         let got = take_once(&self.segment, me, &mut self.watch, &mut self.inbox)?;
-        self.after_try_recv(got.is_some())?;
+        if self.after_try_recv(got.is_some()).is_err() {
+            // The host just turned out gone: deliver what it published first.
+            return take_once(&self.segment, me, &mut self.watch, &mut self.inbox);
+        }
         Ok(got)
     }
 
@@ -675,7 +681,10 @@ impl ShmGuest {
             if got.is_some() {
                 return Ok(got);
             }
-            self.watch.check_if_due(&self.segment)?;
+            if self.watch.check_if_due(&self.segment).is_err() {
+                // The host just turned out gone: deliver what it published first.
+                return once(&self.segment, me, &mut self.watch, &mut self.inbox);
+            }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
@@ -853,6 +862,33 @@ fn check_attached(
     }
 }
 
+/// The check before a receive: like [`check_attached`], except that a host that
+/// closed or died still has its published messages delivered first
+/// (`shm.live.drain-after-host`): `Ok(Some(verdict))` means "take what is in the
+/// ring, and report `verdict` once it is empty".
+// shm[impl shm.live.drain-after-host]
+fn check_receivable(
+    segment: &Segment,
+    me: (PeerId, u32),
+    watch: &mut HostWatch,
+) -> Result<Option<DetachedError>, DetachedError> {
+    match check_attached(segment, me, watch) {
+        Ok(()) => Ok(None),
+        Err(e @ (DetachedError::HostClosed | DetachedError::HostDead(_))) => {
+            // Only from a ring that is still ours: Attached, our generation, no fault.
+            let entry = segment.peer(me.0).expect("validated id");
+            let ours = entry
+                .load()
+                .is_ok_and(|w| w.state == PeerState::Attached && w.generation == me.1);
+            match ours && entry.fault.load(Ordering::Relaxed) == 0 {
+                true => Ok(Some(e)),
+                false => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Allocates a slot towards the host (the body of `loan`).
 fn loan_once(
     segment: &Segment,
@@ -984,7 +1020,7 @@ fn take_once(
     watch: &mut HostWatch,
     inbox: &mut Inbox,
 ) -> Result<Option<Message>, RecvError> {
-    check_attached(segment, me, watch)?;
+    let gone = check_receivable(segment, me, watch)?;
     let ring = segment
         .ring(me.0, Direction::ToGuest)
         .expect("validated id");
@@ -995,7 +1031,7 @@ fn take_once(
         .take(&ring, &pools, Some(watch.doorbell()))
         .map_err(RecvError::Violation)?
     else {
-        return Ok(None);
+        return gone.map_or(Ok(None), |e| Err(e.into()));
     };
     if let Payload::Large { seq, len } = msg.payload {
         let view = open_large(watch, seq, len)?;
@@ -1044,7 +1080,7 @@ fn recv_once(
     inbox: &mut Inbox,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Meta>, RecvError> {
-    check_attached(segment, me, watch)?;
+    let gone = check_receivable(segment, me, watch)?;
     let ring = segment
         .ring(me.0, Direction::ToGuest)
         .expect("validated id");
@@ -1056,7 +1092,7 @@ fn recv_once(
         .take(&ring, &pools, bell)
         .map_err(RecvError::Violation)?
     else {
-        return Ok(None);
+        return gone.map_or(Ok(None), |e| Err(e.into()));
     };
     match msg.payload {
         Payload::Large { seq, len } => {

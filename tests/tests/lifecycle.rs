@@ -818,3 +818,81 @@ fn spawn_exchange_kill_recover_soak() {
 fn spawn_exchange_kill_recover_long_soak() {
     soak(20_000);
 }
+
+const DRAIN: &str = "a_guest_drains_what_its_host_published_before_it_left";
+
+// shm[verify shm.live.drain-after-host]
+#[test]
+fn a_guest_drains_what_its_host_published_before_it_left() {
+    if role().as_deref() == Some("draining-host") {
+        watchdog();
+        let mut host = ShmHost::create(arg("SEG"), SegmentConfig::default()).unwrap();
+        tell("ready");
+        let mut buf = Vec::new();
+        let hello = host.recv(&mut buf, LONG).unwrap().expect("hello");
+        let to = hello.handle();
+        host.send(to, Meta::new(1, 10), b"inline", LONG).unwrap();
+        host.send(to, Meta::new(2, 11), &pattern(3, 0, 1000), LONG)
+            .unwrap();
+        host.send(to, Meta::new(3, 12), b"last", LONG).unwrap();
+        tell("sent");
+        // "close": the graceful goodbye; otherwise the test SIGKILLs us here.
+        if hear() == "close" {
+            drop(host);
+            tell("closed");
+        }
+        hear();
+        return;
+    }
+    for ending in ["close", "kill"] {
+        let seg = ShmPath::new(&format!("drain-{ending}"));
+        let envs = [("SEG", seg.path().display().to_string())];
+        let mut host = Proc::spawn(DRAIN, "draining-host", &envs, LONG);
+        host.expect("ready");
+        let mut guest = ShmGuest::attach_path(seg.path()).unwrap();
+        guest.set_wait_policy(WaitPolicy::BLOCK);
+        guest.try_send(Meta::new(0, 0), b"hello").unwrap();
+        host.expect("sent");
+        let expected_verdict = if ending == "close" {
+            host.say("close");
+            host.expect("closed");
+            host.say("bye");
+            host.assert_success();
+            "HostClosed"
+        } else {
+            host.kill();
+            "HostDead"
+        };
+        // Every message published before the host left arrives, in order, through
+        // each way of receiving; only then the verdict.
+        let mut buf = Vec::new();
+        let m = guest.recv(&mut buf, LONG).unwrap().expect("first");
+        assert_eq!(
+            (m.user_id, buf.as_slice()),
+            (10, &b"inline"[..]),
+            "{ending}"
+        );
+        let view = guest.recv_message(LONG).unwrap().expect("second");
+        assert_eq!(view.meta().user_id, 11);
+        let mut copied = Vec::new();
+        view.copy_into(&mut copied);
+        assert_eq!(copied, pattern(3, 0, 1000), "{ending}");
+        drop(view);
+        let m = loop {
+            // A killed host's death is found by the liveness check while we poll.
+            if let Some(m) = guest.try_recv(&mut buf).unwrap() {
+                break m;
+            }
+        };
+        assert_eq!((m.user_id, buf.as_slice()), (12, &b"last"[..]), "{ending}");
+        let err = guest.recv(&mut buf, LONG).unwrap_err();
+        let verdict = match err {
+            RecvError::Detached(DetachedError::HostClosed) => "HostClosed",
+            RecvError::Detached(DetachedError::HostDead(_)) => "HostDead",
+            other => panic!("{ending}: {other:?}"),
+        };
+        assert_eq!(verdict, expected_verdict);
+        // Sends fail at once.
+        assert!(guest.try_send(Meta::new(0, 1), b"x").is_err());
+    }
+}
