@@ -45,6 +45,7 @@ use shm_primitives::header::HEADER_SIZE;
 pub use shm_primitives::large_link::LargeSendError;
 use shm_primitives::large_link::{send_large, LargeChannelError, LargeOutbox, MAX_LARGE_PAYLOAD};
 use shm_primitives::lock;
+use shm_primitives::memfd;
 use shm_primitives::slot::owner_word;
 use shm_primitives::view::SlotBytes;
 pub use shm_primitives::Message;
@@ -136,6 +137,14 @@ pub enum AttachError {
     /// The segment's host closed it.
     #[error("the segment's host has closed it")]
     HostClosed,
+    /// The descriptor given to attach by does not name a sealed segment: its seals
+    /// lack `F_SEAL_SHRINK`, `F_SEAL_GROW` or `F_SEAL_SEAL` (`shm.file.attach-fd`), so
+    /// its size could change under the mapping.
+    #[error("the segment descriptor is not sealed (seals {seals:#x})")]
+    NotSealed {
+        /// The seals found (`F_GET_SEALS`; 0 for a file that cannot carry seals).
+        seals: i32,
+    },
     /// The spawn ticket (arguments or environment) is missing or invalid.
     #[error(transparent)]
     Ticket(#[from] TicketError),
@@ -305,6 +314,52 @@ impl ShmGuest {
         let deadline = start + options.timeout;
         let mut report = AttachReport::default();
         let file = open_waiting(path, deadline, &mut report, options.timeout)?;
+        Self::attach_file(file, options, doorbell, (start, report))
+    }
+
+    /// Attaches to a sealed segment by descriptor (one the host handed out:
+    /// `ShmHost::segment_fd`, or passed along by whoever got it), claiming any Empty
+    /// entry or `options.peer_id`. The descriptor must carry the seals
+    /// `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`, checked before anything is mapped
+    /// ([`AttachError::NotSealed`] otherwise); then the size is final, and the header
+    /// is validated against it as for a path. The guest owns the descriptor from now
+    /// on (its liveness lock is taken through it) and closes it when it is dropped.
+    // shm[impl shm.file.attach-fd]
+    pub fn attach_fd(fd: OwnedFd, options: AttachOptions) -> Result<Self, AttachError> {
+        Self::attach_fd_inner(fd, options, None)
+    }
+
+    fn attach_fd_inner(
+        fd: OwnedFd,
+        options: AttachOptions,
+        doorbell: Option<OwnedFd>,
+    ) -> Result<Self, AttachError> {
+        let start = Instant::now();
+        let seals = memfd::seals(fd.as_fd()).map_err(|source| AttachError::Io {
+            op: "F_GET_SEALS",
+            source,
+        })?;
+        if seals & memfd::SEGMENT_SEALS != memfd::SEGMENT_SEALS {
+            return Err(AttachError::NotSealed { seals });
+        }
+        // Sealed: the length measured next is the file's length for good.
+        Self::attach_file(
+            File::from(fd),
+            options,
+            doorbell,
+            (start, AttachReport::default()),
+        )
+    }
+
+    /// Steps 2–8 of `shm.file.attach` on an open segment file.
+    // shm[impl shm.file.attach]
+    fn attach_file(
+        file: File,
+        options: AttachOptions,
+        doorbell: Option<OwnedFd>,
+        (start, mut report): (Instant, AttachReport),
+    ) -> Result<Self, AttachError> {
+        let deadline = start + options.timeout;
         let io = |op| move |source| AttachError::Io { op, source };
         let file_len = file.metadata().map_err(io("fstat segment"))?.len();
         if file_len < HEADER_SIZE as u64 {
@@ -432,17 +487,18 @@ impl ShmGuest {
     }
 
     /// Attaches with the spawn ticket in this process's environment
-    /// (`SHMHUB_HUB_PATH`, `SHMHUB_PEER_ID`, `SHMHUB_PEER_GENERATION`,
-    /// `SHMHUB_DOORBELL_FD`, `SHMHUB_ATTACH_TIMEOUT_MS`), as set by the host's
-    /// `SpawnTicket::configure` or `ShmHost::spawn`.
+    /// (`SHMHUB_HUB_PATH`, or `SHMHUB_HUB_FD` for a sealed segment, `SHMHUB_PEER_ID`,
+    /// `SHMHUB_PEER_GENERATION`, `SHMHUB_DOORBELL_FD`, `SHMHUB_ATTACH_TIMEOUT_MS`), as
+    /// set by the host's `SpawnTicket::configure` or `ShmHost::spawn`.
     // shm[impl shm.spawn.child]
     pub fn from_env() -> Result<Self, AttachError> {
         let ticket = ticket::Ticket::from_env()?;
         Self::from_ticket(ticket)
     }
 
-    /// Attaches with a spawn ticket given as command-line arguments (`--hub-path P
-    /// --peer-id N --peer-generation G --doorbell-fd F [--attach-timeout-ms T]`);
+    /// Attaches with a spawn ticket given as command-line arguments (`--hub-path P`
+    /// or `--hub-fd S`, `--peer-id N --peer-generation G --doorbell-fd F
+    /// [--attach-timeout-ms T]`);
     /// other arguments are ignored, so a child can pass its whole argument list.
     // shm[impl shm.spawn.child]
     pub fn from_ticket_args<I, S>(args: I) -> Result<Self, AttachError>
@@ -455,13 +511,36 @@ impl ShmGuest {
     }
 
     fn from_ticket(ticket: ticket::Ticket) -> Result<Self, AttachError> {
+        let hub = ticket.take_hub()?;
         let doorbell = ticket.take_doorbell()?;
         let options = AttachOptions {
             peer_id: Some(ticket.peer),
             generation: Some(ticket.generation),
             timeout: ticket.attach_timeout,
         };
-        Self::attach_path_inner(&ticket.path, options, Some(doorbell))
+        match hub {
+            ticket::Hub::Path(path) => Self::attach_path_inner(&path, options, Some(doorbell)),
+            ticket::Hub::Fd(fd) => Self::attach_fd_inner(fd, options, Some(doorbell)),
+        }
+    }
+
+    /// Attaches with a ticket the host sent over `socket`, a connected Unix stream
+    /// socket (`ShmHost::hand_over` or `SpawnTicket::send_to`): waits up to `timeout`
+    /// for the one message that carries the ticket record, the sealed segment's
+    /// descriptor and this guest's doorbell end, refuses anything else (closing every
+    /// descriptor received) with a [`TicketError`], then attaches by descriptor
+    /// ([`attach_fd`](Self::attach_fd)) with the reserved peer id and generation. The
+    /// ticket must be the next thing on the socket; the socket is not needed
+    /// afterwards.
+    // shm[impl shm.fd.passing]
+    pub fn from_ticket_socket(socket: impl AsFd, timeout: Duration) -> Result<Self, AttachError> {
+        let ticket = ticket::receive(socket.as_fd(), timeout)?;
+        let options = AttachOptions {
+            peer_id: Some(ticket.peer),
+            generation: Some(ticket.generation),
+            timeout: ticket.attach_timeout,
+        };
+        Self::attach_fd_inner(ticket.segment, options, Some(ticket.doorbell))
     }
 
     /// This guest's end of its doorbell: the socket its spawn ticket carried, or its

@@ -151,7 +151,7 @@ impl Drop for TempSegment {
 
 /// Reserves `size` bytes of backing store so later page faults cannot fail.
 // shm[impl shm.file.reserve-space]
-fn reserve(file: &File, size: u64) -> Result<(), CreateError> {
+pub(crate) fn reserve(file: &File, size: u64) -> Result<(), CreateError> {
     let len = libc::off_t::try_from(size).map_err(|_| CreateError::NoSpace { size })?;
     // SAFETY: posix_fallocate on a valid fd has no memory effects.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };

@@ -22,6 +22,7 @@ mod file;
 mod liveness;
 mod peers;
 mod rpc;
+mod sealed;
 mod spawn;
 
 #[cfg(feature = "tokio")]
@@ -30,7 +31,7 @@ pub use broadcast::{BroadcastError, BroadcastReport};
 pub use shm_primitives::broadcast::{BroadcastRef, PeerSet};
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -58,6 +59,7 @@ use peers::HostPeer;
 pub use peers::{PeerInfo, PeerStats, PeerUsage};
 pub use rpc::{ReplyError, ReplyLoan};
 pub use shm_primitives::slot::PoolUsage;
+use spawn::Hub;
 pub use spawn::{GuestOptions, SpawnError, SpawnTicket, SpawnedGuest};
 
 /// Why a segment could not be created.
@@ -272,6 +274,9 @@ pub struct ShmHost {
     /// still holds the mapping and the owner lock.
     installed: Option<InstalledPath>,
     segment: Segment,
+    /// The segment is a sealed memory file (`shm.file.memfd`), handed out by
+    /// descriptor.
+    sealed: bool,
     /// Cached at creation: the shared header is guest-writable.
     segment_id: [u64; 2],
     peers: Vec<HostPeer>,
@@ -318,6 +323,33 @@ impl ShmHost {
         Ok(Self::new(segment, doorbells, Some(installed)))
     }
 
+    /// Creates a sealed segment: built in an anonymous memory file that has no name
+    /// in any filesystem, published, then sealed so that no process can ever change
+    /// its size (`shm.file.seals`). A guest cannot truncate it to make the host (or
+    /// another guest) take `SIGBUS`, which a guest of a path segment can.
+    ///
+    /// Guests get it by descriptor: with a spawn ticket ([`spawn`](Self::spawn),
+    /// [`prepare_guest`](Self::prepare_guest)), over a Unix socket
+    /// ([`hand_over`](Self::hand_over)), or from [`segment_fd`](Self::segment_fd).
+    /// It has no [`path`](Self::path), and nothing is left behind: the file goes away
+    /// with the host and the last guest.
+    // shm[impl shm.file.memfd]
+    // shm[impl shm.topology.host]
+    pub fn create_sealed(config: SegmentConfig) -> Result<Self, CreateError> {
+        let layout = config.layout()?;
+        let file = sealed::create(layout.total_size)?;
+        let map =
+            MmapRegion::map(file, layout.total_size as usize).map_err(io_err("mmap segment"))?;
+        let segment = init_segment(ShmBacking::Mmap(Arc::new(map)), config)?;
+        let doorbells = Doorbells::new(segment.header().segment_id())
+            .map_err(io_err("listen for doorbells"))?;
+        segment.publish();
+        sealed::seal(segment.backing().file().expect("file-backed"))?;
+        let mut host = Self::new(segment, doorbells, None);
+        host.sealed = true;
+        Ok(host)
+    }
+
     /// Creates a heap-backed segment for guests in this process
     /// ([`ShmHost::backing`] gives them the memory).
     pub fn create_heap(config: SegmentConfig) -> Result<Self, CreateError> {
@@ -336,6 +368,7 @@ impl ShmHost {
         Self {
             segment_id: segment.header().segment_id(),
             segment,
+            sealed: false,
             peers: (0..n).map(|_| HostPeer::default()).collect(),
             next_recv: 0,
             wait: WaitPolicy::default(),
@@ -352,9 +385,32 @@ impl ShmHost {
         }
     }
 
-    /// The public path of a file-backed segment.
+    /// The public path of a file-backed segment (`None` for a sealed or heap-backed
+    /// one).
     pub fn path(&self) -> Option<&Path> {
         self.installed.as_ref().map(|i| i.path())
+    }
+
+    /// Whether this is a sealed segment ([`create_sealed`](Self::create_sealed)).
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// A new descriptor of a sealed segment, for a guest you hand it to yourself
+    /// (it attaches with `ShmGuest::attach_fd`). Each call opens a new open file
+    /// description (close-on-exec), never the one that holds the host's lock, so the
+    /// guest's liveness lock is its own (`shm.fd.passing`). Fails with
+    /// [`SpawnError::NotSealed`] for a path or heap segment.
+    // shm[impl shm.fd.passing]
+    pub fn segment_fd(&self) -> Result<OwnedFd, SpawnError> {
+        let file = match self.segment.backing().file() {
+            Some(file) if self.sealed => file,
+            _ => return Err(SpawnError::NotSealed),
+        };
+        shm_primitives::memfd::reopen(file.as_fd()).map_err(|source| SpawnError::Io {
+            op: "reopen the segment through /proc/self/fd",
+            source,
+        })
     }
 
     /// The memory of the segment, for in-process guests (`ShmGuest::attach_backing`).
@@ -785,7 +841,11 @@ impl ShmHost {
         peer: Option<PeerId>,
         options: GuestOptions,
     ) -> Result<(PeerHandle, SpawnTicket), SpawnError> {
-        let path = self.path().ok_or(SpawnError::NoPath)?.to_path_buf();
+        let hub = match self.path() {
+            Some(path) => Hub::Path(path.to_path_buf()),
+            None if self.sealed => Hub::Fd(self.segment_fd()?),
+            None => return Err(SpawnError::NoPath),
+        };
         let (host_end, child_end) =
             shm_primitives::doorbell::pair().map_err(|source| SpawnError::Io {
                 op: "socketpair",
@@ -805,7 +865,7 @@ impl ShmHost {
         self.doorbells.watch_link(handle.id.index(), &link);
         self.peers[handle.id.index()].set_link(link);
         let ticket = SpawnTicket {
-            path,
+            hub,
             handle,
             child_end,
             attach_timeout: options.attach_timeout,
@@ -833,6 +893,30 @@ impl ShmHost {
     ) -> Result<SpawnedGuest, SpawnError> {
         let prepared = self.prepare_guest_for(peer, GuestOptions::default())?;
         self.spawn_prepared(prepared, cmd)
+    }
+
+    /// Reserves an entry for the process at the other end of `socket` (a connected
+    /// Unix stream socket) and sends it the ticket, with the segment's descriptor and
+    /// its doorbell end, in one message (`shm.fd.passing`, [`SpawnTicket::send_to`]);
+    /// that process attaches with `ShmGuest::from_ticket_socket`. Only for a sealed
+    /// segment ([`SpawnError::NotSealed`] otherwise). If the message cannot be sent
+    /// (a full or closed socket) the reservation is released before returning the
+    /// error. If the process never attaches (it drops the descriptors or dies), the
+    /// doorbell's hang-up releases the reservation, as for a spawned child.
+    pub fn hand_over(
+        &mut self,
+        socket: impl AsFd,
+        options: GuestOptions,
+    ) -> Result<PeerHandle, SpawnError> {
+        if !self.sealed {
+            return Err(SpawnError::NotSealed);
+        }
+        let (handle, ticket) = self.prepare_guest(options)?;
+        if let Err(e) = ticket.send_to(socket) {
+            let _ = self.release_reservation(handle.id);
+            return Err(e);
+        }
+        Ok(handle)
     }
 
     fn spawn_prepared(

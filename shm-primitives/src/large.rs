@@ -86,18 +86,12 @@ const LEN_AT: usize = 16;
 const FD_SIZE: usize = size_of::<RawFd>();
 /// How many descriptors one `recvmsg` in [`recv_pending`] has room for.
 const RECV_FDS: usize = 8;
-/// How many descriptors one message of [`send_fds`] may carry.
-const SEND_MAX_FDS: usize = 16;
 // SAFETY: CMSG_SPACE is plain arithmetic on its argument; it touches no memory.
 const RECV_CMSG_SPACE: usize = unsafe { libc::CMSG_SPACE((RECV_FDS * FD_SIZE) as u32) } as usize;
-// SAFETY: as above.
-const SEND_CMSG_SPACE: usize =
-    unsafe { libc::CMSG_SPACE((SEND_MAX_FDS * FD_SIZE) as u32) } as usize;
 
 /// A control-message buffer, aligned for `cmsghdr` (whose alignment is at most 8).
 type CmsgBuf<const WORDS: usize> = [u64; WORDS];
 const RECV_CMSG_WORDS: usize = RECV_CMSG_SPACE.div_ceil(8);
-const SEND_CMSG_WORDS: usize = SEND_CMSG_SPACE.div_ceil(8);
 
 /// Why a received descriptor was refused as a large payload.
 #[derive(Debug, thiserror::Error)]
@@ -499,67 +493,10 @@ pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
     send_fds(sock, &[fd])
 }
 
-/// Sends one [`FD_MARK`] byte carrying all of `fds` (at most [`SEND_MAX_FDS`]) in one
-/// `SCM_RIGHTS` message.
+/// Sends one [`FD_MARK`] byte carrying all of `fds` (at most
+/// [`SEND_MAX_FDS`](crate::memfd::SEND_MAX_FDS)) in one `SCM_RIGHTS` message.
 fn send_fds(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    assert!(!fds.is_empty() && fds.len() <= SEND_MAX_FDS);
-    let payload = (fds.len() * FD_SIZE) as u32;
-    let mut byte = FD_MARK;
-    let mut control: CmsgBuf<SEND_CMSG_WORDS> = [0; SEND_CMSG_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: (&mut byte as *mut u8).cast(),
-        iov_len: 1,
-    };
-    // SAFETY: msghdr is plain old data; all zeroes is a valid (empty) value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is plain arithmetic.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as _;
-    // SAFETY: msg_control points at our zeroed, 8-aligned buffer of at least
-    // msg_controllen bytes, so the first header is in bounds (non-null).
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    assert!(!cmsg.is_null());
-    // SAFETY: cmsg points at a cmsghdr inside `control`, followed by room for
-    // `fds.len()` ints (CMSG_SPACE above); the data may be unaligned for c_int, hence
-    // write_unaligned.
-    unsafe {
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
-        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-        for (i, fd) in fds.iter().enumerate() {
-            data.add(i).write_unaligned(fd.as_raw_fd());
-        }
-    }
-    loop {
-        // SAFETY: msg points at our live iovec (one byte) and control buffer; the
-        // kernel only reads them. MSG_DONTWAIT never blocks and MSG_NOSIGNAL turns a
-        // closed peer into EPIPE instead of a signal.
-        let n = unsafe {
-            libc::sendmsg(
-                sock.as_raw_fd(),
-                &msg,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        match n {
-            1 => return Ok(()),
-            n if n < 0 => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err);
-                }
-            }
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "sendmsg sent no byte",
-                ))
-            }
-        }
-    }
+    crate::memfd::send_with_fds(sock, &[FD_MARK], fds)
 }
 
 /// Reads everything pending on a doorbell stream socket without blocking, like
@@ -612,62 +549,18 @@ pub fn recv_pending(sock: BorrowedFd<'_>, fds: &mut VecDeque<OwnedFd>) -> Draine
         }
         // SAFETY: recvmsg succeeded, so `msg` describes the control data it wrote into
         // `control`, and the descriptors in it were installed for us and are unowned.
-        unsafe { take_fds(&msg, fds) };
+        unsafe {
+            crate::memfd::take_fds(&msg, |fd| {
+                // Beyond the cap, `fd` drops here: closed at once.
+                if fds.len() < MAX_QUEUED_FDS {
+                    fds.push_back(fd);
+                }
+            })
+        };
         if n == 0 {
             return Drained::HungUp;
         }
         rang = true;
-    }
-}
-
-/// Moves the `SCM_RIGHTS` descriptors of a received message onto `fds` (closing those
-/// beyond [`MAX_QUEUED_FDS`]).
-///
-/// # Safety
-///
-/// `msg` must be the header of a successful `recvmsg`: its control buffer holds
-/// `msg_controllen` bytes of well-formed control messages written by the kernel, and
-/// the descriptors in them are owned by nobody else.
-unsafe fn take_fds(msg: &libc::msghdr, fds: &mut VecDeque<OwnedFd>) {
-    let start = msg.msg_control as usize;
-    #[allow(clippy::unnecessary_cast)] // socklen_t on musl, size_t on glibc
-    let end = start + msg.msg_controllen as usize;
-    // SAFETY: msg is a valid header (caller); CMSG_FIRSTHDR only reads its control
-    // pointer and length and returns null when no header fits.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
-    while !cmsg.is_null() {
-        // SAFETY: non-null headers from CMSG_FIRSTHDR/CMSG_NXTHDR lie inside the
-        // control buffer.
-        let (level, kind, len) =
-            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
-        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
-            // SAFETY: as above; CMSG_DATA is pointer arithmetic within the message.
-            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-            // SAFETY: CMSG_LEN is plain arithmetic.
-            let head = unsafe { libc::CMSG_LEN(0) } as usize;
-            #[allow(clippy::unnecessary_cast)]
-            let claimed = (len as usize).saturating_sub(head) / FD_SIZE;
-            // Never trust a length past the end of the buffer.
-            let room = end.saturating_sub(data as usize) / FD_SIZE;
-            for i in 0..claimed.min(room) {
-                // SAFETY: entry i is inside the control buffer (bounded by `room`),
-                // possibly unaligned.
-                let raw = unsafe { data.add(i).read_unaligned() };
-                if raw < 0 {
-                    continue;
-                }
-                // SAFETY: the kernel installed this descriptor for us in this recvmsg;
-                // nothing else owns it (caller).
-                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fds.len() < MAX_QUEUED_FDS {
-                    fds.push_back(fd);
-                }
-                // Otherwise `fd` drops here: closed at once.
-            }
-        }
-        // SAFETY: msg and cmsg are valid (above); CMSG_NXTHDR returns null past the
-        // end of the control data.
-        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
     }
 }
 

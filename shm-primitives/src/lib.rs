@@ -17,6 +17,7 @@ pub mod large;
 pub mod large_link;
 pub mod layout;
 pub mod lock;
+pub mod memfd;
 pub mod peer;
 pub mod region;
 pub mod ring;
