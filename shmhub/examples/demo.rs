@@ -11,5 +11,5 @@ fn main() {
     let role: Vec<String> = std::env::args().skip(1).collect();
     // The demo's guests are this example again, with their role as arguments.
     let exe = std::env::current_exe().expect("the demo's own executable");
-    shmhub::demo::run(&role, &|| Command::new(&exe));
+    shmhub::demo::run(&role, &|| Command::new(&exe), shmhub::demo::Size::Full);
 }
