@@ -401,7 +401,7 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "  host: {} (owner lock {}), pid {} ({}), state {}",
+            "  host: {} (owner lock {}), pid {} ({}), host_state {}",
             self.host.liveness.as_str(),
             yes_no(self.host.lock_held, "held", "free"),
             h.host_pid,
