@@ -1,6 +1,8 @@
 #![doc = include_str!("../../README.md")]
 #![warn(missing_docs)]
 
+pub mod demo;
+
 pub use shm_guest::{self as guest, AttachOptions, CallError, Response, RpcClient, ShmGuest};
 #[cfg(feature = "tokio")]
 pub use shm_guest::{AsyncGuest, AsyncRpcClient};
