@@ -364,7 +364,7 @@ fn a_live_host_and_its_guests_are_listed_and_inspected() {
         h["magic"],
         format!("{:#x}", shmhub::primitives::header::MAGIC)
     );
-    assert_eq!(h["version"], 5);
+    assert_eq!(h["version"], u64::from(shmhub::primitives::header::VERSION));
     let id = h["segment_id"].as_str().unwrap();
     assert!(id.starts_with("0x") && id.len() == 34, "{id}");
     assert_eq!(h["max_guests"], 4);
