@@ -99,6 +99,16 @@ pub enum Violation {
         /// What was wrong.
         reason: &'static str,
     },
+    /// The peer entry's state word made a move its guest may not make: after the host
+    /// saw the guest Attached (or Goodbye) at `generation`, the word holds another
+    /// valid state or generation (`shm.peer.observed`).
+    #[error("peer state word {found:#x} after the guest was seen at generation {generation}")]
+    PeerTransition {
+        /// The generation the host saw the guest at.
+        generation: u32,
+        /// The word found.
+        found: u64,
+    },
     /// A broadcast descriptor names a slot that is not a live broadcast for us.
     #[error("broadcast slot {index} generation {generation} is invalid (word {found:#x})")]
     Broadcast {
@@ -126,6 +136,7 @@ impl Violation {
             Violation::DescFlags { .. } => "shm.ring.desc-layout",
             Violation::Large { .. } => "shm.msg.large",
             Violation::Broadcast { .. } => "shm.broadcast.refcount",
+            Violation::PeerTransition { .. } => "shm.peer.observed",
         }
     }
 
@@ -145,6 +156,7 @@ impl Violation {
             Violation::DescFlags { .. } => 11,
             Violation::Large { .. } => 12,
             Violation::Broadcast { .. } => 13,
+            Violation::PeerTransition { .. } => 14,
         }
     }
 }
