@@ -305,6 +305,7 @@ pub(crate) fn doorbell(link: &Option<GuestLink>, generation: u32) -> Option<Borr
 // shm[impl shm.peer.recycle]
 // shm[impl shm.slot.reclaim]
 // shm[impl shm.delivery.to-guest]
+// shm[impl shm.recover.quiescent]: rings, pools, holds and the link all go here.
 pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) {
     if hp.at_least_once && hp.fenced.is_none() && retain(segment, peer, hp, generation) {
         return;

@@ -497,6 +497,11 @@ impl Talk {
         }
     }
 
+    /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
+    pub fn poll_line(&mut self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
     /// Sends a line to the child's stdin.
     pub fn say(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
