@@ -47,9 +47,10 @@ const LENGTHS: [usize; 10] = [0, 7, 36, 37, 128, 129, 600, 1024, 1025, 5000];
 const CALL_LENGTHS: [usize; 6] = [0, 20, 37, 300, 1000, 1024];
 const BCAST_LENGTHS: [usize; 4] = [12, 36, 100, 256];
 
+/// Room for `POPULATION` guests plus those whose entries are still being recovered.
 fn config() -> SegmentConfig {
     SegmentConfig {
-        max_guests: 8,
+        max_guests: 12,
         ring_capacity: 16,
         classes: SlotClasses::new(&[SlotClass::new(128, 8), SlotClass::new(1024, 4)]),
         broadcast_slots: 8,

@@ -585,15 +585,22 @@ impl Hub {
     }
 
     /// Receives what is waiting (up to a bound), checks honest messages and queues
-    /// their echoes, and returns the hostile guest fenced by a receive, if any.
-    fn serve(&mut self, hostile: Option<PeerId>) -> Option<(PeerId, Violation)> {
+    /// their echoes, and returns the hostile guest fenced by a receive, if any. Views
+    /// of a hostile guest's messages are kept only while it runs: the entry of a killed
+    /// one must be recovered with no slot held.
+    fn serve(
+        &mut self,
+        hostile: Option<PeerId>,
+        hostile_runs: bool,
+    ) -> Option<(PeerId, Violation)> {
         let mut fenced = None;
         for _ in 0..32 {
             let got = if self.rng.chance(1, 4) {
                 self.host.try_recv_message().map(|got| {
                     got.map(|(r, m)| {
                         let payload = m.to_vec();
-                        if self.hold_views {
+                        let keep = hostile_runs || Some(r.from) != hostile;
+                        if self.hold_views && keep {
                             self.views.push_back((r.from, m));
                             self.fig.host_views += 1;
                             if self.views.len() > 4 {
@@ -841,7 +848,8 @@ fn hostile_guests_scribbling_at_random_never_hurt_the_host_or_honest_guests() {
             Some(Round::Running { id, .. } | Round::Recovering { id, .. }) => Some(*id),
             _ => None,
         };
-        let fenced_now = hub.serve(hostile);
+        let runs = matches!(round, Some(Round::Running { .. }));
+        let fenced_now = hub.serve(hostile, runs);
         hub.echo();
         if Instant::now() >= next_bcast_at {
             hub.broadcast(hostile);
@@ -1010,7 +1018,7 @@ fn hostile_guests_scribbling_at_random_never_hurt_the_host_or_honest_guests() {
     let stop = Instant::now();
     while done.iter().any(Option::is_none) {
         assert!(stop.elapsed() < LONG, "honest guests did not finish");
-        if let Some((peer, v)) = hub.serve(None) {
+        if let Some((peer, v)) = hub.serve(None, false) {
             panic!("{peer} fenced at the end: {v}");
         }
         hub.echo();
