@@ -497,6 +497,16 @@ impl ShmHost {
     /// delivery) gives them up: they are counted as discarded.
     pub fn release_reservation(&mut self, peer: PeerId) -> Result<(), PeerError> {
         let entry = self.segment.peer(peer).ok_or(PeerError::NoSuchPeer(peer))?;
+        // A guest that rewrote its word to Reserved is fenced, not released: its area
+        // needs the reset of a recovery (`shm.peer.observed`).
+        if let Some(hp) = self.peers.get_mut(peer.index()) {
+            if hp.observe(entry).is_err() {
+                return Err(PeerError::WrongState {
+                    peer,
+                    state: entry.load().ok().map(|w| w.state),
+                });
+            }
+        }
         let reserved = matches!(entry.load(), Ok(w) if w.state == PeerState::Reserved);
         if reserved {
             if let Some(hp) = self.peers.get_mut(peer.index()) {
@@ -993,7 +1003,7 @@ impl ShmHost {
                 .ring(peer, Direction::ToHost)
                 .expect("in range");
             match hp.inbox.pending(&ring) {
-                Ok(0) => {
+                Ok(0) if hp.unmapped(&self.segment, index, true) => {
                     peers::recycle(&self.segment, peer, hp, word.generation);
                     recycled += 1;
                 }
@@ -1137,13 +1147,14 @@ impl ShmHost {
             let peer = PeerId::from_index(index).expect("index < 255");
             let entry = self.segment.peer(peer).expect("in range");
             let hp = &mut self.peers[index];
-            let fenced = hp.fenced.is_some();
-            let word = match entry.load() {
-                // A fenced guest may scribble on its word; the fence generation is ours.
-                _ if fenced => hp.fence_word(),
+            // Observed as when serving (`shm.peer.observed`): a guest that rewrote its
+            // word before dying is fenced now, and then recovered as fenced.
+            let word = match hp.observe(entry) {
                 Ok(w) => w,
-                Err(_) => continue,
+                // A fenced guest may scribble on its word; the fence generation is ours.
+                Err(_) => hp.fence_word(),
             };
+            let fenced = hp.fenced.is_some();
             let ev = match hp.link_matches(word.generation) {
                 true => events.get(index).copied().unwrap_or_default(),
                 false => Default::default(),
@@ -1614,9 +1625,12 @@ fn scan_once<T>(
                 };
                 return Ok(Some((received, taken)));
             }
-            // shm[impl shm.delivery.to-host]: recycle only once drained.
+            // shm[impl shm.delivery.to-host]: recycle only once drained, and only once
+            // the guest no longer maps the segment.
             Ok(None) if word.state == PeerState::Goodbye => {
-                peers::recycle(segment, peer, hp, word.generation);
+                if hp.unmapped(segment, index, false) {
+                    peers::recycle(segment, peer, hp, word.generation);
+                }
             }
             Ok(None) => {}
             Err(violation) => {

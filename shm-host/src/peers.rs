@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shm_primitives::desc::Body;
 use shm_primitives::large_link::LargeOutbox;
@@ -75,8 +76,10 @@ pub struct PeerInfo {
 /// from shared memory.
 #[derive(Debug)]
 pub(crate) struct HostPeer {
-    /// Generation of the guest our outbox/inbox belong to.
-    epoch: Option<u32>,
+    /// The word last observed of the guest our outbox/inbox belong to (Attached or
+    /// Goodbye at its generation), until the host moves the entry on itself: from it,
+    /// the only move a guest may make is Attached(g) -> Goodbye(g) (`shm.peer.observed`).
+    seen: Option<PeerWord>,
     pub(crate) outbox: Outbox,
     /// Numbers the large payloads sent to the entry's current guest.
     pub(crate) large_out: LargeOutbox,
@@ -102,12 +105,19 @@ pub(crate) struct HostPeer {
     /// At-least-once: the sealed files of large payloads published to the guest and
     /// perhaps not consumed yet, by ring position, to pass again to a next guest.
     pub(crate) kept_files: VecDeque<(u64, OwnedFd)>,
+    /// When a departed guest's liveness lock was last found held: the next test waits
+    /// [`UNMAP_RECHECK`], so serving does not make a system call per pass.
+    unmap_checked: Option<Instant>,
 }
+
+/// How long the host waits before testing again the lock of a guest that said
+/// goodbye but still maps the segment (`shm.peer.recycle-unmapped`).
+const UNMAP_RECHECK: Duration = Duration::from_millis(1);
 
 impl Default for HostPeer {
     fn default() -> Self {
         Self {
-            epoch: None,
+            seen: None,
             outbox: Outbox::new(OWNER_HOST),
             large_out: LargeOutbox::default(),
             inbox: Inbox::new(OWNER_HOST),
@@ -120,13 +130,19 @@ impl Default for HostPeer {
             at_least_once: false,
             retained: false,
             kept_files: VecDeque::new(),
+            unmap_checked: None,
         }
     }
 }
 
 impl HostPeer {
     /// Reads and checks the entry's state word. A new guest generation starts from
-    /// fresh counters (its rings were reset before the entry became Empty).
+    /// fresh counters (its rings were reset before the entry became Empty). Once a
+    /// guest has been seen, a word it could not have written by its one permitted
+    /// move (detach) fences it: a guest that rewrote its word to Empty or Reserved
+    /// would otherwise leave the entry, and whatever it wrote into its area, to the
+    /// entry's next guest without a reset.
+    // shm[impl shm.peer.observed]
     pub(crate) fn observe(&mut self, entry: &PeerEntry) -> Result<PeerWord, Violation> {
         if let Some(v) = self.fenced {
             return Err(v);
@@ -135,14 +151,27 @@ impl HostPeer {
             Ok(w) => w,
             Err(bad) => {
                 let violation = Violation::PeerWord { raw: bad.raw };
-                self.fence(entry, (bad.raw >> 32) as u32, violation);
+                // The generation the host saw the guest at, not one the guest chose:
+                // recovery makes the next incarnation g + 1 (`shm.peer.observed`).
+                let g = self.seen.map_or((bad.raw >> 32) as u32, |w| w.generation);
+                self.fence(entry, g, violation);
                 return Err(violation);
             }
         };
-        if matches!(word.state, PeerState::Attached | PeerState::Goodbye)
-            && self.epoch != Some(word.generation)
-        {
-            self.epoch = Some(word.generation);
+        if let Some(seen) = self.seen {
+            let detached = PeerWord {
+                state: PeerState::Goodbye,
+                ..seen
+            };
+            if word != seen && word != detached {
+                let violation = Violation::PeerTransition {
+                    generation: seen.generation,
+                    found: entry.state_word.load(Ordering::Relaxed),
+                };
+                self.fence(entry, seen.generation, violation);
+                return Err(violation);
+            }
+        } else if matches!(word.state, PeerState::Attached | PeerState::Goodbye) {
             self.inbox = Inbox::new(OWNER_HOST);
             // A guest taking over retained messages continues our side of its ring.
             if !std::mem::take(&mut self.retained) {
@@ -150,6 +179,9 @@ impl HostPeer {
                 self.large_out = LargeOutbox::default();
                 self.kept_files.clear();
             }
+        }
+        if matches!(word.state, PeerState::Attached | PeerState::Goodbye) {
+            self.seen = Some(word);
         }
         Ok(word)
     }
@@ -161,6 +193,32 @@ impl HostPeer {
         entry.fence(generation, violation.code());
         self.fenced = Some(violation);
         self.fenced_generation = generation;
+    }
+
+    /// Whether the guest that said goodbye on entry `index` has let go of the segment
+    /// (`shm.peer.recycle-unmapped`): on a file-backed segment, no open file
+    /// description holds the entry's liveness lock any more. Until then a guest that
+    /// breaks the protocol could still write into the entry after its reset. Unless
+    /// `now`, a held lock is tested again only after [`UNMAP_RECHECK`].
+    // shm[impl shm.peer.recycle-unmapped]
+    pub(crate) fn unmapped(&mut self, segment: &Segment, index: usize, now: bool) -> bool {
+        let Some(file) = segment.backing().file() else {
+            return true; // a heap segment's guests live in the host's process
+        };
+        if !now
+            && self
+                .unmap_checked
+                .is_some_and(|t| t.elapsed() < UNMAP_RECHECK)
+        {
+            return false;
+        }
+        let offset = segment.layout().peer_offset(index);
+        if crate::liveness::lock_held(file, offset) {
+            self.unmap_checked = Some(Instant::now());
+            return false;
+        }
+        self.unmap_checked = None;
+        true
     }
 
     /// Goodbye at the generation the host fenced the entry at.
@@ -247,6 +305,7 @@ pub(crate) fn doorbell(link: &Option<GuestLink>, generation: u32) -> Option<Borr
 // shm[impl shm.peer.recycle]
 // shm[impl shm.slot.reclaim]
 // shm[impl shm.delivery.to-guest]
+// shm[impl shm.recover.quiescent]: rings, pools, holds and the link all go here.
 pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) {
     if hp.at_least_once && hp.fenced.is_none() && retain(segment, peer, hp, generation) {
         return;
@@ -276,7 +335,7 @@ pub(crate) fn recycle(segment: &Segment, peer: PeerId, hp: &mut HostPeer, genera
     if let Some(pool) = segment.broadcast() {
         hp.stats.released_broadcasts += u64::from(pool.release_for(peer).cleared);
     }
-    hp.epoch = None;
+    hp.seen = None;
     hp.outbox = Outbox::new(OWNER_HOST);
     hp.inbox = Inbox::new(OWNER_HOST);
     hp.retained = false;
@@ -356,7 +415,7 @@ fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -
     // Our side of the ring continues; every Free slot is found again by rescanning.
     hp.outbox.rescan();
     hp.inbox = Inbox::new(OWNER_HOST);
-    hp.epoch = None;
+    hp.seen = None;
     hp.drop_link();
     let entry = segment.peer(peer).expect("in range");
     if !entry.retain(generation) {

@@ -99,6 +99,16 @@ pub enum Violation {
         /// What was wrong.
         reason: &'static str,
     },
+    /// The peer entry's state word made a move its guest may not make: after the host
+    /// saw the guest Attached (or Goodbye) at `generation`, the word holds another
+    /// valid state or generation (`shm.peer.observed`).
+    #[error("peer state word {found:#x} after the guest was seen at generation {generation}")]
+    PeerTransition {
+        /// The generation the host saw the guest at.
+        generation: u32,
+        /// The word found.
+        found: u64,
+    },
     /// A broadcast descriptor names a slot that is not a live broadcast for us.
     #[error("broadcast slot {index} generation {generation} is invalid (word {found:#x})")]
     Broadcast {
@@ -126,6 +136,7 @@ impl Violation {
             Violation::DescFlags { .. } => "shm.ring.desc-layout",
             Violation::Large { .. } => "shm.msg.large",
             Violation::Broadcast { .. } => "shm.broadcast.refcount",
+            Violation::PeerTransition { .. } => "shm.peer.observed",
         }
     }
 
@@ -145,6 +156,110 @@ impl Violation {
             Violation::DescFlags { .. } => 11,
             Violation::Large { .. } => 12,
             Violation::Broadcast { .. } => 13,
+            Violation::PeerTransition { .. } => 14,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Violation;
+
+    /// One of each variant; the match below stops the build when one is added and not
+    /// listed here.
+    fn every() -> Vec<Violation> {
+        let all = vec![
+            Violation::PeerWord { raw: 7 },
+            Violation::RingIndex {
+                head: 0,
+                tail: 99,
+                capacity: 8,
+            },
+            Violation::DescSequence {
+                expected: 0,
+                found: 1,
+            },
+            Violation::DescKind { kind: 9 },
+            Violation::InlineLen { len: 40, max: 36 },
+            Violation::SlotIndex { index: 9, count: 4 },
+            Violation::SlotLen {
+                len: 300,
+                slot_size: 256,
+            },
+            Violation::SlotState {
+                index: 0,
+                generation: 1,
+                found: 0,
+            },
+            Violation::FreeList { found: 77 },
+            Violation::SlotClass {
+                class: 9,
+                classes: 1,
+            },
+            Violation::DescFlags { flags: 0x80 },
+            Violation::Large {
+                seq: 1,
+                reason: "missing",
+            },
+            Violation::Broadcast {
+                index: 0,
+                generation: 0,
+                found: u64::MAX,
+            },
+            Violation::PeerTransition {
+                generation: 3,
+                found: 3 << 32,
+            },
+        ];
+        for v in &all {
+            match v {
+                Violation::PeerWord { .. }
+                | Violation::RingIndex { .. }
+                | Violation::DescSequence { .. }
+                | Violation::DescKind { .. }
+                | Violation::InlineLen { .. }
+                | Violation::SlotIndex { .. }
+                | Violation::SlotLen { .. }
+                | Violation::SlotState { .. }
+                | Violation::FreeList { .. }
+                | Violation::SlotClass { .. }
+                | Violation::DescFlags { .. }
+                | Violation::Large { .. }
+                | Violation::Broadcast { .. }
+                | Violation::PeerTransition { .. } => {}
+            }
+        }
+        all
+    }
+
+    /// Every violation's code and rule are the ones of its row in the spec's table
+    /// (spec/06-messages.md, `shm.untrusted.validate`), and the table has no other row.
+    // shm[verify shm.untrusted.validate]
+    #[test]
+    fn codes_and_rules_match_the_spec_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../spec/06-messages.md");
+        let spec = std::fs::read_to_string(path).unwrap();
+        let rows: Vec<&str> = spec
+            .lines()
+            .filter(|l| l.starts_with("> | ") && l.contains(" | `shm."))
+            .filter(|l| l[4..].split(' ').next().unwrap().parse::<u32>().is_ok())
+            .collect();
+        let all = every();
+        assert_eq!(rows.len(), all.len(), "one table row per violation");
+        for v in all {
+            let debug = format!("{v:?}");
+            let name = debug.split([' ', '{']).next().unwrap();
+            let row = rows
+                .iter()
+                .find(|r| r.contains(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("no row for {name}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            assert_eq!(cells[1], v.code().to_string(), "{name}: code");
+            assert_eq!(
+                cells[cells.len() - 2],
+                format!("`{}`", v.rule()),
+                "{name}: rule"
+            );
         }
     }
 }

@@ -159,6 +159,11 @@ impl Proc {
         stdin.flush().unwrap();
     }
 
+    /// The child's exit status if it has exited (reaping it), without waiting.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// SIGKILLs the child and reaps it.
     pub fn kill(&mut self) -> ExitStatus {
         let _ = self.child.kill();
@@ -492,6 +497,11 @@ impl Talk {
         }
     }
 
+    /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
+    pub fn poll_line(&mut self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
     /// Sends a line to the child's stdin.
     pub fn say(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
@@ -515,4 +525,74 @@ fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
             std::os::fd::OwnedFd::from_raw_fd(fds[1]),
         )
     }
+}
+
+/// A small seeded pseudo-random generator (SplitMix64) for randomised tests: the seed
+/// is printed, so a failing run can be replayed exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+
+    /// One element of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// The seed of a randomised test: `var` if set (to replay a run), otherwise fresh.
+/// Printed either way.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} must be a decimal u64")),
+        Err(_) => shm_primitives::random_u64x2()[0],
+    };
+    eprintln!("seed {seed} (replay with {var}={seed})");
+    seed
+}
+
+/// A duration in seconds from `var`, or `default` when it is unset.
+pub fn secs_from_env(var: &str, default: u64) -> Duration {
+    let secs = match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} must be whole seconds")),
+        Err(_) => default,
+    };
+    Duration::from_secs(secs)
+}
+
+/// Lines of /proc/self/maps that map a shared-memory file of ours: a segment (under
+/// /dev/shm) or a memory file (`memfd:`), to compare before and after a test.
+pub fn shared_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("/dev/shm/") || l.contains("memfd:"))
+        .count()
 }

@@ -25,7 +25,7 @@ const CONFIG: SegmentConfig = SegmentConfig {
 };
 
 /// Each way to break the protocol, and the violation the host must report.
-const MODES: [&str; 10] = [
+const MODES: [&str; 13] = [
     "tail-too-far",
     "bad-seq",
     "bad-kind",
@@ -36,6 +36,9 @@ const MODES: [&str; 10] = [
     "head-garbage",
     "slot-class",
     "msg-kind",
+    "peer-empty",
+    "peer-reserved",
+    "peer-generation",
 ];
 
 fn expected(mode: &str, v: &Violation) -> bool {
@@ -74,6 +77,16 @@ fn expected(mode: &str, v: &Violation) -> bool {
             }
         ),
         "msg-kind" => matches!(v, Violation::DescFlags { flags: 0x77 }),
+        // Valid states the guest may not move to (`shm.peer.observed`).
+        "peer-empty" => {
+            matches!(v, Violation::PeerTransition { generation, found } if *found == u64::from(*generation) << 32)
+        }
+        "peer-reserved" => {
+            matches!(v, Violation::PeerTransition { generation, found } if *found == (u64::from(*generation) << 32) | 1)
+        }
+        "peer-generation" => {
+            matches!(v, Violation::PeerTransition { generation, found } if *found == (u64::from(generation + 7) << 32) | 2)
+        }
         _ => false,
     }
 }
@@ -143,6 +156,16 @@ fn scribble(seg: &Segment, id: PeerId, mode: &str) {
             word(to_host).store(1, Ordering::Release);
         }
         "peer-word" => word(layout.peer_offset(id.index())).store(0xdead_0007, Ordering::Release),
+        "peer-empty" | "peer-reserved" | "peer-generation" => {
+            let entry = word(layout.peer_offset(id.index()));
+            let g = entry.load(Ordering::Acquire) >> 32;
+            let to = match mode {
+                "peer-empty" => g << 32,
+                "peer-reserved" => (g << 32) | 1,
+                _ => ((g + 7) << 32) | 2,
+            };
+            entry.store(to, Ordering::Release);
+        }
         "head-garbage" => {
             let to_guest = layout.ring_offset(id.index(), Direction::ToGuest);
             word(to_guest + 64).store(1 << 40, Ordering::Release);
@@ -157,6 +180,11 @@ fn hostile_main() {
         .iter()
         .map(|_| ShmGuest::attach_path(&path).unwrap())
         .collect();
+    // The host must have seen us attached before we rewrite our words: a word
+    // rewritten before the host ever looked is indistinguishable from one never
+    // claimed.
+    tell("attached");
+    assert_eq!(hear(), "go");
     // A second, raw mapping of the same file: what a hostile process would use.
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -215,6 +243,7 @@ fn honest_main() {
 // shm[verify shm.untrusted.fence]
 // shm[verify shm.ring.validate]
 // shm[verify shm.peer.states]
+// shm[verify shm.peer.observed]
 #[test]
 fn hostile_guests_are_fenced_and_everyone_else_carries_on() {
     match role().as_deref() {
@@ -229,6 +258,9 @@ fn hostile_guests_are_fenced_and_everyone_else_carries_on() {
     let mut honest = Proc::spawn(test, "honest", &env, Duration::from_secs(120));
     honest.expect("attached");
     let mut hostile = Proc::spawn(test, "hostile", &env, Duration::from_secs(120));
+    hostile.expect("attached");
+    host.maintain();
+    hostile.say("go");
     let mut modes: HashMap<PeerId, &str> = HashMap::new();
     loop {
         let line = hostile.expect_line();
@@ -307,4 +339,102 @@ fn hostile_guests_are_fenced_and_everyone_else_carries_on() {
     // Quarantined entries are not handed to new guests; the rest of the table works.
     let g = ShmGuest::attach_path(seg.path()).unwrap();
     assert!(!modes.contains_key(&g.peer_id()));
+}
+
+/// A guest that says goodbye but keeps the segment mapped (a view held past its
+/// detach), then breaks `shm.peer.detach` by writing into its area: junk in its
+/// ToHost free list and slot words, and its ToGuest head. The host leaves the entry in
+/// Goodbye while the guest maps the segment, and recycles it only once the guest has
+/// let go, so the reset comes after the junk and the entry's next guest finds a fresh
+/// entry (`shm.peer.recycle-unmapped`).
+fn lingerer_main() {
+    shmhub_tests::watchdog();
+    let path = arg("SEG");
+    let mut guest = ShmGuest::attach_path(&path).unwrap();
+    let id = guest.peer_id();
+    tell(&format!("attached {} {}", id.get(), guest.generation()));
+    let view = guest
+        .recv_message(Duration::from_secs(20))
+        .unwrap()
+        .expect("the host's message");
+    assert_eq!(view.to_vec(), pattern(9, 0, 200));
+    guest.detach();
+    tell("detached");
+    assert_eq!(hear(), "scribble");
+    let seg = shmhub_tests::watch_segment(std::path::Path::new(&path));
+    let layout = seg.layout();
+    let region = seg.backing().region();
+    let word = |off: u64| region.atomic_u64(off as usize).unwrap();
+    let pool = layout.pool_offset(id.index(), Direction::ToHost, 0);
+    word(pool).store(1 << 40 | 1000, Ordering::Release); // a free-list head past the pool
+    word(pool + 64).store(1, Ordering::Release); // slot 0 Loaned
+    let to_guest = layout.ring_offset(id.index(), Direction::ToGuest);
+    word(to_guest + 64).store(3, Ordering::Release); // ToGuest head
+    tell("scribbled");
+    assert_eq!(hear(), "exit");
+    drop(view);
+}
+
+// shm[verify shm.peer.recycle-unmapped]
+#[test]
+fn an_entry_is_recycled_only_once_its_departed_guest_lets_go_of_the_segment() {
+    if role().as_deref() == Some("lingerer") {
+        return lingerer_main();
+    }
+    let seg = ShmPath::new("lingerer");
+    let mut host = ShmHost::create(seg.path(), CONFIG).unwrap();
+    let env = [("SEG", seg.path().display().to_string())];
+    let test = "an_entry_is_recycled_only_once_its_departed_guest_lets_go_of_the_segment";
+    let mut child = Proc::spawn(test, "lingerer", &env, Duration::from_secs(60));
+    let attached = child.expect("attached");
+    let id = PeerId::new(attached.split(' ').next().unwrap().parse().unwrap()).unwrap();
+    let generation: u32 = attached.split(' ').nth(1).unwrap().parse().unwrap();
+    host.try_send(id, Meta::new(1, 0), &pattern(9, 0, 200))
+        .unwrap();
+    child.expect("detached");
+    let mut buf = Vec::new();
+    let goodbye = |host: &ShmHost| {
+        let info = host.peer_info(id).unwrap();
+        (info.state, info.generation, info.fenced)
+    };
+    // Said goodbye, still mapped: not recycled, however often the host looks.
+    for _ in 0..3 {
+        assert_eq!(host.maintain(), 0);
+        assert_eq!(host.try_recv(&mut buf).unwrap(), None);
+        assert_eq!(goodbye(&host), (Some(PeerState::Goodbye), generation, None));
+    }
+    child.say("scribble");
+    child.expect("scribbled");
+    assert_eq!(host.maintain(), 0);
+    assert_eq!(goodbye(&host), (Some(PeerState::Goodbye), generation, None));
+    child.say("exit");
+    child.assert_success();
+    // Let go: recycled, after the junk, so the reset covers it.
+    poll_until(Duration::from_secs(10), "the entry recycled", || {
+        host.maintain();
+        (goodbye(&host).0 == Some(PeerState::Empty)).then_some(())
+    });
+    assert_eq!(
+        goodbye(&host),
+        (Some(PeerState::Empty), generation + 1, None)
+    );
+    let watch = shmhub_tests::watch_segment(seg.path());
+    let states = shmhub_tests::slot_states(&watch, id, Direction::ToHost);
+    assert_eq!(states[0].free, CONFIG.classes.as_slice()[0].count);
+    let usage = host.peer_usage(id).unwrap();
+    assert_eq!((usage.to_guest_depth, usage.to_host_depth), (0, 0));
+    // The entry's next guest uses every slot of both directions without an error.
+    let mut next = ShmGuest::attach_path(seg.path()).unwrap();
+    assert_eq!(next.peer_id(), id, "the same entry");
+    let slots = CONFIG.classes.as_slice()[0].count as u64;
+    for n in 0..slots {
+        next.try_send(Meta::new(2, n), &pattern(3, n, 100)).unwrap();
+    }
+    for n in 0..slots {
+        let got = host.try_recv(&mut buf).unwrap().expect("a message");
+        assert_eq!((got.from, got.meta), (id, Meta::new(2, n)));
+        assert_eq!(buf, pattern(3, n, 100));
+        host.try_send(id, Meta::new(4, n), &buf).unwrap();
+        assert_eq!(next.try_recv(&mut buf).unwrap(), Some(Meta::new(4, n)));
+    }
 }
