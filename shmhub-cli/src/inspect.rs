@@ -155,7 +155,7 @@ struct BroadcastSlot {
 
 /// Names of the violation codes the host writes into `fault` (`Violation::code`), with
 /// the rule each breaks; `fault_names_match_the_library` keeps this in step.
-const FAULTS: [(&str, &str); 13] = [
+const FAULTS: [(&str, &str); 14] = [
     ("PeerWord", "shm.peer.states"),
     ("RingIndex", "shm.ring.validate"),
     ("DescSequence", "shm.ring.validate"),
@@ -169,6 +169,7 @@ const FAULTS: [(&str, &str); 13] = [
     ("DescFlags", "shm.ring.desc-layout"),
     ("Large", "shm.msg.large"),
     ("Broadcast", "shm.broadcast.refcount"),
+    ("PeerTransition", "shm.peer.observed"),
 ];
 
 /// The violation a `fault` code names, and its rule.
@@ -744,6 +745,10 @@ mod tests {
                 generation: 0,
                 found: 0,
             },
+            Violation::PeerTransition {
+                generation: 0,
+                found: 0,
+            },
         ];
         assert_eq!(all.len(), FAULTS.len());
         for v in all {
@@ -761,14 +766,15 @@ mod tests {
                 | Violation::SlotClass { .. }
                 | Violation::DescFlags { .. }
                 | Violation::Large { .. }
-                | Violation::Broadcast { .. } => {}
+                | Violation::Broadcast { .. }
+                | Violation::PeerTransition { .. } => {}
             }
             let (name, rule) = fault_name(v.code()).expect("every code is named");
             assert_eq!(rule, v.rule(), "{v:?}");
             assert!(format!("{v:?}").starts_with(name), "{v:?} is {name}");
         }
         assert_eq!(fault_name(0), None);
-        assert_eq!(fault_name(14), None);
+        assert_eq!(fault_name(15), None);
         assert_eq!(fault_name(u32::MAX), None);
     }
 
