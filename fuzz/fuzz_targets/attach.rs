@@ -24,6 +24,8 @@ use shmhub_fuzz::heap_backing;
 /// layouts are checked by header validation alone (`validate_at_many_lengths`).
 const MAX_FILE: u64 = 256 << 10;
 
+// shm[verify shm.header.sections]
+// shm[verify shm.untrusted.validate]
 fuzz_target!(|data: &[u8]| {
     let Some((selector, contents)) = data.split_first_chunk::<4>() else {
         return;

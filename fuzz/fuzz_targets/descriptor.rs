@@ -41,6 +41,10 @@ struct Input {
     view: bool,
 }
 
+// shm[verify shm.ring.desc-layout]
+// shm[verify shm.ring.consume]
+// shm[verify shm.slot.claim]
+// shm[verify shm.broadcast.refcount]
 fuzz_target!(|input: Input| {
     check_decode(&input.words);
     receive(input);

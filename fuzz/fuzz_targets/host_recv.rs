@@ -118,6 +118,8 @@ struct World {
     buf: Vec<u8>,
 }
 
+// shm[verify shm.untrusted.validate]
+// shm[verify shm.delivery.to-host]
 fuzz_target!(|input: Input| {
     let config = shmhub_fuzz::config(input.config);
     let Ok(mut host) = ShmHost::create_heap(config) else {
