@@ -154,9 +154,9 @@ impl Doorbells {
     }
 
     /// Accepts pending path-guest connections and links each whose hello names an
-    /// Attached entry at the generation it holds, claimed by the connecting process
-    /// (the kernel's record of its pid, not the guest's word). Anything else is
-    /// closed: the guest sees a hang-up.
+    /// Attached (or Goodbye) entry at the generation it holds, claimed by the
+    /// connecting process (the kernel's record of its pid, not the guest's word).
+    /// Anything else is closed: the guest sees a hang-up.
     // shm[impl shm.doorbell.connect]
     pub(crate) fn accept(&mut self, segment: &Segment, peers: &mut [HostPeer]) {
         while let Ok(Some(fd)) = doorbell::accept(self.listener.as_fd()) {
@@ -187,8 +187,11 @@ impl Doorbells {
             return;
         };
         let hp = &mut peers[peer.index()];
+        // A guest that said goodbye before we accepted its connection is linked too:
+        // the files of large payloads it published before leaving are queued on it.
         let attached = matches!(entry.load(), Ok(w)
-            if w.state == PeerState::Attached && w.generation == hello.generation);
+            if matches!(w.state, PeerState::Attached | PeerState::Goodbye)
+                && w.generation == hello.generation);
         let pid = doorbell::peer_pid(fd.as_fd()).ok();
         let claimed_by_it = pid == Some(entry.guest_pid.load(Ordering::Relaxed));
         if !attached || !claimed_by_it || hp.fenced.is_some() || hp.link_matches(hello.generation) {

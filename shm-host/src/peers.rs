@@ -369,7 +369,9 @@ fn retain(segment: &Segment, peer: PeerId, hp: &mut HostPeer, generation: u32) -
     }
     // The slots the undelivered descriptors name, read back from the ring (which the
     // guest could have scribbled on: each is decoded and checked again).
-    let mut named = Vec::with_capacity((tail - head) as usize);
+    // Wrapping: `head_from` bounds the distance by the capacity, but a guest may put
+    // `head` across the wrap from our tail.
+    let mut named = Vec::with_capacity(tail.wrapping_sub(head) as usize);
     let mut kept_broadcasts = Vec::new();
     let mut pos = head;
     while pos != tail {

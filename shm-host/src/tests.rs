@@ -114,3 +114,55 @@ fn reservations_can_be_released_and_states_queried() {
     assert_eq!(host.maintain(), 1);
     assert_eq!(host.peer_info(b).unwrap().state, Some(PeerState::Empty));
 }
+
+// Found by the host_recv fuzz target: a guest that sent a large payload and said
+// goodbye before the host accepted its doorbell connection was fenced (its file's
+// doorbell was refused as not Attached) and the message lost.
+// shm[verify shm.doorbell.connect]
+// shm[verify shm.delivery.to-host]
+#[test]
+fn large_payload_of_a_guest_that_left_before_its_doorbell_was_accepted_arrives() {
+    let mut host = ShmHost::create_heap(SegmentConfig::default().with_slots(64, 1)).unwrap();
+    let mut g = local_guest(&host);
+    let payload: Vec<u8> = (0..768u32).map(|i| i as u8).collect();
+    g.try_send(Meta::new(1, 2), &payload).unwrap();
+    let from = g.peer_id();
+    g.detach();
+    let mut buf = Vec::new();
+    let m = host.try_recv(&mut buf).unwrap().unwrap();
+    assert_eq!((m.from, m.meta), (from, Meta::new(1, 2)));
+    assert_eq!(buf, payload);
+    assert_eq!(host.try_recv(&mut buf).unwrap(), None);
+    assert_eq!(host.peer_info(from).unwrap().state, Some(PeerState::Empty));
+}
+
+// Found by the host_recv fuzz target: with at-least-once delivery, a guest that left
+// a ToGuest `head` a little past u64::MAX behind the host's tail (inside the window
+// `shm.ring.validate` accepts, across the wrap) made the host's retention subtract
+// without wrapping: a panic (overflow) instead of giving the messages up.
+// shm[verify shm.delivery.at-least-once]
+// shm[verify shm.untrusted.validate]
+#[test]
+fn retention_survives_a_consumer_counter_behind_the_wrap() {
+    let mut host = heap_host(1);
+    host.set_delivery(Delivery::AtLeastOnce);
+    let g = local_guest(&host);
+    let id = g.peer_id();
+    let head_at = host
+        .segment
+        .layout()
+        .ring_offset(id.index(), Direction::ToGuest)
+        + 64;
+    let backing = host.backing();
+    let head = backing.region().atomic_u64(head_at as usize).unwrap();
+    host.try_send(id, Meta::new(1, 1), b"kept").unwrap();
+    // Tail 1, head u64::MAX: "two pending", at positions u64::MAX and 0.
+    head.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    g.detach();
+    let mut buf = Vec::new();
+    assert_eq!(host.try_recv(&mut buf).unwrap(), None);
+    // The forged positions hold no descriptor of theirs: nothing is retained.
+    let info = host.peer_info(id).unwrap();
+    assert_eq!(info.state, Some(PeerState::Empty));
+    assert_eq!(info.stats.retained, 0);
+}
