@@ -109,14 +109,13 @@ impl<'a> RingView<'a> {
         for (w, cell) in words.iter_mut().zip(self.slot(pos)) {
             *w = cell.load(Ordering::Acquire);
         }
-        let desc = Descriptor::decode(&words).map_err(decode_violation)?;
-        if desc.seq != pos {
+        if !stamps(words[0], pos) {
             return Err(Violation::DescSequence {
                 expected: pos,
-                found: desc.seq,
+                found: words[0].wrapping_sub(1),
             });
         }
-        Ok(desc)
+        Descriptor::decode(&words).map_err(decode_violation)
     }
 
     /// `tail - head` as stored (wrapping, unvalidated): for accounting and tests only.
@@ -214,6 +213,14 @@ fn decode_violation(e: DecodeError) -> Violation {
         DecodeError::Kind(kind) => Violation::DescKind { kind },
         DecodeError::MsgKind(flags) => Violation::DescFlags { flags },
     }
+}
+
+/// Whether `stamp` publishes position `pos`: it is `pos + 1`, and never 0, the stamp
+/// of an entry not written since the ring was reset. (So position 2^64 − 1, which
+/// only forged counters reach, can never be published.)
+#[inline]
+fn stamps(stamp: u64, pos: u64) -> bool {
+    stamp != 0 && stamp == pos.wrapping_add(1)
 }
 
 /// Depth as a consumer sees it. The consumer follows the stamps, so it may be one
@@ -343,11 +350,10 @@ impl Consumer {
     // shm[impl shm.ring.validate]
     pub fn peek(&mut self, ring: &RingView<'_>) -> Result<Option<Descriptor>, Violation> {
         let entry = ring.slot(self.head);
-        let expected = self.head.wrapping_add(1);
         // (C1) Acquire-load the entry's stamp: it pairs with the producer's Release
         // store of it (P2), so one cache line tells us whether the entry is ours.
         let mut stamp = entry[0].load(Ordering::Acquire);
-        if stamp != expected {
+        if !stamps(stamp, self.head) {
             // Not (yet) published, as far as this line says: the tail decides.
             let tail = ring.header.tail.load(Ordering::Acquire);
             if consumer_depth(self.head, tail, ring.capacity)? == 0 {
@@ -356,7 +362,7 @@ impl Consumer {
             // The tail says published; its Acquire pairs with P3, which follows the
             // stamp's store: the stamp is now visible, and must be ours.
             stamp = entry[0].load(Ordering::Acquire);
-            if stamp != expected {
+            if !stamps(stamp, self.head) {
                 return Err(Violation::DescSequence {
                     expected: self.head,
                     found: stamp.wrapping_sub(1),
@@ -383,7 +389,7 @@ impl Consumer {
         if tail.wrapping_add(1) == self.head || depth == ring.capacity {
             return Ok(depth);
         }
-        let stamped = ring.slot(tail)[0].load(Ordering::Acquire) == tail.wrapping_add(1);
+        let stamped = stamps(ring.slot(tail)[0].load(Ordering::Acquire), tail);
         Ok(depth + u32::from(stamped))
     }
 
