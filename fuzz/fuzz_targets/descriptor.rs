@@ -28,7 +28,7 @@ struct Input {
     to_guest: bool,
     peer: u8,
     words: [u64; DESC_WORDS],
-    /// Overwrite `seq` with the position it is read at.
+    /// Overwrite the stamp with the one of the position it is read at (`seq + 1`).
     fix_seq: bool,
     /// Ring position of the descriptor (the shared head and tail start here).
     start: u64,
@@ -58,7 +58,7 @@ fn check_decode(words: &[u64; DESC_WORDS]) {
     match Descriptor::decode(words) {
         Ok(d) => {
             assert!(kind <= 3 && msg_kind <= 3);
-            assert_eq!(d.seq, words[0]);
+            assert_eq!(d.seq, words[0].wrapping_sub(1), "the stamp is seq + 1");
             assert_eq!(d.payload_len, (words[2] >> 32) as u32);
             assert_eq!(Descriptor::decode(&d.encode()), Ok(d));
         }
@@ -82,7 +82,7 @@ fn receive(input: Input) {
 
     let mut words = input.words;
     if input.fix_seq {
-        words[0] = input.start;
+        words[0] = input.start.wrapping_add(1);
     }
     let entry = (input.start % u64::from(config.ring_capacity)) as usize;
     let desc_off = ring_off + 128 + entry * 64;
