@@ -109,6 +109,15 @@ pub fn run(args: &Args) -> BenchResult<Report> {
     Ok(report)
 }
 
+/// Runs one step, telling stderr what it is and how long it took.
+fn stage(name: &str, step: impl FnOnce() -> BenchResult<()>) -> BenchResult<()> {
+    eprint!("shm-bench: {name}...");
+    let t = Instant::now();
+    let done = step();
+    eprintln!(" {:.1} s", t.elapsed().as_secs_f64());
+    done
+}
+
 fn measure_all(quick: bool, pinning: Option<(usize, usize)>) -> BenchResult<Report> {
     let plan = measure::Plan { quick };
     let child_cpu = pinning.map(|(_, c)| c);
@@ -123,24 +132,27 @@ fn measure_all(quick: bool, pinning: Option<(usize, usize)>) -> BenchResult<Repo
         setup: Vec::new(),
         rss: Vec::new(),
     };
+    let r = &mut report;
     // First, while this process is fresh: freed memory of later steps would hide
     // growth.
-    eprintln!("shm-bench: segment RSS...");
-    setup::rss(&mut report.rss)?;
-    eprintln!("shm-bench: raw floors...");
-    raw::run(plan, child_cpu, &mut report.rows)?;
-    raw::run_ring(plan, child_cpu, &mut report.tputs)?;
-    eprintln!("shm-bench: socketpair and pipe...");
-    streams::run(plan, child_cpu, &mut report.rows, &mut report.tputs)?;
+    stage("segment RSS", || setup::rss(&mut r.rss))?;
+    stage("raw floors", || raw::run(plan, child_cpu, &mut r.rows))?;
+    stage("raw SPSC ring", || {
+        raw::run_ring(plan, child_cpu, &mut r.tputs)
+    })?;
+    stage("socketpair and pipe", || {
+        streams::run(plan, child_cpu, &mut r.rows, &mut r.tputs)
+    })?;
     #[cfg(feature = "iceoryx2")]
-    {
-        eprintln!("shm-bench: iceoryx2 {}...", iox2::VERSION);
-        iox2::run(plan, child_cpu, &mut report.rows)?;
-    }
-    eprintln!("shm-bench: shmhub...");
-    shmhub_bench::run(plan, child_cpu, &mut report.rows, &mut report.tputs)?;
-    eprintln!("shm-bench: attach and spawn...");
-    setup::attach(plan, child_cpu, &mut report.setup)?;
-    scaling::run(plan, &mut report.scaling)?;
+    stage(&format!("iceoryx2 {}", iox2::VERSION), || {
+        iox2::run(plan, child_cpu, &mut r.rows)
+    })?;
+    stage("shmhub", || {
+        shmhub_bench::run(plan, child_cpu, &mut r.rows, &mut r.tputs)
+    })?;
+    stage("attach and spawn", || {
+        setup::attach(plan, child_cpu, &mut r.setup)
+    })?;
+    stage("scaling", || scaling::run(plan, &mut r.scaling))?;
     Ok(report)
 }

@@ -83,10 +83,10 @@ impl Plan {
     /// Measured iterations for a payload size.
     pub fn iters(&self, size: usize) -> u64 {
         let (full, quick) = match size {
-            s if s <= 4096 => (50_000, 5_000),
-            s if s <= 64 * 1024 => (10_000, 1_000),
-            s if s <= 1 << 20 => (1_000, 200),
-            _ => (50, 10),
+            s if s <= 4096 => (50_000, 2_000),
+            s if s <= 64 * 1024 => (10_000, 500),
+            s if s <= 1 << 20 => (1_000, 100),
+            _ => (50, 5),
         };
         if self.quick {
             quick
@@ -102,11 +102,11 @@ impl Plan {
 
     /// Messages for one-way throughput.
     pub fn stream_msgs(&self, size: usize) -> u64 {
-        let n = if size <= 4096 { 1_000_000 } else { 5_000 };
-        if self.quick {
-            n / 10
-        } else {
-            n
+        match (size <= 4096, self.quick) {
+            (true, false) => 1_000_000,
+            (true, true) => 50_000,
+            (false, false) => 5_000,
+            (false, true) => 200,
         }
     }
 

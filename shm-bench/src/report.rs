@@ -330,12 +330,12 @@ impl Report {
         }
         if !self.rss.is_empty() {
             s.push_str("\nHost memory around `ShmHost::create` of a fresh file-backed segment (`/proc/self/status`, KiB; `RssShmem` is the shared-memory part of `VmRSS`).\n\n");
-            s.push_str("| segment | total size | create (ms) | VmRSS before | VmRSS after | VmRSS delta | RssShmem delta |\n");
-            s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+            s.push_str("| segment | total size | create (ms) | VmRSS before | VmRSS after | VmRSS delta | RssShmem delta | /dev/shm used delta |\n");
+            s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
             for r in &self.rss {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.1} | {} | {} | {} | {} |",
+                    "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
                     r.label,
                     size_label_u64(r.total_size),
                     r.create.as_secs_f64() * 1e3,
@@ -343,6 +343,7 @@ impl Report {
                     r.rss_kib.1,
                     r.delta_kib(),
                     r.shmem_kib.1 as i64 - r.shmem_kib.0 as i64,
+                    r.dev_shm_kib,
                 );
             }
         }
@@ -452,14 +453,15 @@ impl Report {
             .map(|r| {
                 format!(
                     "{{\"segment\": {}, \"total_size\": {}, \"create_ms\": {:.3}, \
-                     \"vmrss_kib\": [{}, {}], \"rssshmem_kib\": [{}, {}]}}",
+                     \"vmrss_kib\": [{}, {}], \"rssshmem_kib\": [{}, {}], \"dev_shm_used_kib\": {}}}",
                     json_str(&r.label),
                     r.total_size,
                     r.create.as_secs_f64() * 1e3,
                     r.rss_kib.0,
                     r.rss_kib.1,
                     r.shmem_kib.0,
-                    r.shmem_kib.1
+                    r.shmem_kib.1,
+                    r.dev_shm_kib
                 )
             })
             .collect();

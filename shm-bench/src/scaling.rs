@@ -64,7 +64,6 @@ pub fn run(plan: Plan, out: &mut Vec<Scale>) -> BenchResult<()> {
         ("adaptive", WaitPolicy::ADAPTIVE),
     ] {
         for &guests in plan.guest_counts() {
-            eprintln!("shm-bench: scaling, {guests} guests, {mode}...");
             match one(plan, guests, mode, policy) {
                 Ok(s) => out.push(s),
                 Err(e) => {

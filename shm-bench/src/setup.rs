@@ -36,6 +36,9 @@ pub struct SegmentRss {
     pub rss_kib: (u64, u64),
     /// `RssShmem` (the shared-memory part of VmRSS) before and after, KiB.
     pub shmem_kib: (u64, u64),
+    /// How much more of `/dev/shm` was in use after `ShmHost::create`, KiB
+    /// (`statvfs`; other processes using `/dev/shm` meanwhile add noise).
+    pub dev_shm_kib: i64,
     /// How long `ShmHost::create` took.
     pub create: Duration,
 }
@@ -65,20 +68,35 @@ pub fn rss(out: &mut Vec<SegmentRss>) -> BenchResult<()> {
         let total_size = config.layout()?.total_size;
         let path = segment_path(&format!("bench-rss-{}-{max_guests}", std::process::id()))?;
         let before = (status_kib("VmRSS")?, status_kib("RssShmem")?);
+        let shm_before = dev_shm_used_kib()?;
         let t = Instant::now();
         let host = ShmHost::create(&path, config)?;
         let create = t.elapsed();
         let after = (status_kib("VmRSS")?, status_kib("RssShmem")?);
+        let dev_shm_kib = dev_shm_used_kib()? - shm_before;
         drop(host);
         out.push(SegmentRss {
             label: label.into(),
             total_size,
             rss_kib: (before.0, after.0),
             shmem_kib: (before.1, after.1),
+            dev_shm_kib,
             create,
         });
     }
     Ok(())
+}
+
+/// KiB in use on the `/dev/shm` file system.
+fn dev_shm_used_kib() -> BenchResult<i64> {
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and `st` is writable.
+    if unsafe { libc::statvfs(c"/dev/shm".as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let used = (st.f_blocks - st.f_bfree) as i64;
+    Ok(used * st.f_frsize as i64 / 1024)
 }
 
 /// A field of `/proc/self/status`, in KiB.
