@@ -223,7 +223,7 @@ impl SpinDeadline {
     #[inline]
     pub fn expired(&mut self) -> bool {
         self.n = self.n.wrapping_add(1);
-        self.n % 4096 == 0 && Instant::now() >= self.deadline
+        self.n.is_multiple_of(4096) && Instant::now() >= self.deadline
     }
 }
 
