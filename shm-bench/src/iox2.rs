@@ -22,7 +22,7 @@ use crate::measure::{child_command, touch, Hist, Plan, SpinDeadline, Watchdog, O
 use crate::report::Row;
 use crate::BenchResult;
 
-/// The iceoryx2 version this crate was built against (from Cargo.lock, by hand).
+/// The iceoryx2 version this crate is built against (pinned exactly in Cargo.toml).
 pub const VERSION: &str = "0.10.0";
 
 const TAG_ENV: &str = "SHM_BENCH_IOX2_TAG";
