@@ -83,10 +83,10 @@ impl Plan {
     /// Measured iterations for a payload size.
     pub fn iters(&self, size: usize) -> u64 {
         let (full, quick) = match size {
-            s if s <= 4096 => (50_000, 2_000),
-            s if s <= 64 * 1024 => (10_000, 500),
-            s if s <= 1 << 20 => (1_000, 100),
-            _ => (50, 5),
+            s if s <= 4096 => (20_000, 2_000),
+            s if s <= 64 * 1024 => (5_000, 500),
+            s if s <= 1 << 20 => (500, 100),
+            _ => (30, 5),
         };
         if self.quick {
             quick
