@@ -88,11 +88,57 @@ pub fn pin_to(cpu: usize) -> std::io::Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid cpu_set_t and CPU_SET bounds-checks `cpu`.
     unsafe { libc::CPU_SET(cpu, &mut set) };
+    set_affinity(&set)
+}
+
+/// The calling thread's CPU affinity, to put back after the bench pinned it.
+pub struct SavedAffinity(libc::cpu_set_t);
+
+impl SavedAffinity {
+    /// Reads the calling thread's affinity.
+    pub fn save() -> std::io::Result<Self> {
+        // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is writable and its size is passed; pid 0 is this thread.
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        if rc == 0 {
+            Ok(Self(set))
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Puts the saved affinity back on the calling thread.
+    pub fn restore(&self) -> std::io::Result<()> {
+        set_affinity(&self.0)
+    }
+}
+
+/// Lets the calling thread (and children it starts later) run on every online CPU.
+pub fn unpin() -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..cpu_count() {
+        // SAFETY: `set` is a valid cpu_set_t and CPU_SET bounds-checks `cpu`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    set_affinity(&set)
+}
+
+fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
     // SAFETY: `set` is initialised and its size is passed; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) };
     if rc == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// The load averages (1, 5, 15 minutes) from `/proc/loadavg`.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -62,13 +62,16 @@ pub struct Plan {
     pub quick: bool,
 }
 
+/// The largest payload any round trip uses (16 MiB).
+pub const MAX_SIZE: usize = 16 << 20;
+
 impl Plan {
-    /// Payload sizes for round trips.
+    /// Payload sizes for spin round trips (every baseline that has a size uses these).
     pub fn sizes(&self) -> &'static [usize] {
         if self.quick {
-            &[8, 4096, 1 << 20]
+            &[8, 4096, 1 << 20, MAX_SIZE]
         } else {
-            &[8, 64, 256, 1024, 4096, 64 * 1024, 1 << 20]
+            &[8, 64, 256, 1024, 4096, 64 * 1024, 1 << 20, MAX_SIZE]
         }
     }
 
@@ -77,24 +80,16 @@ impl Plan {
         &[8, 4096]
     }
 
-    /// Sizes for the raw shared-buffer hand-off.
-    pub fn buf_sizes(&self) -> &'static [usize] {
-        if self.quick {
-            &[4096, 1 << 20]
-        } else {
-            &[4096, 64 * 1024, 1 << 20]
-        }
-    }
-
     /// Measured iterations for a payload size.
     pub fn iters(&self, size: usize) -> u64 {
-        let full = match size {
-            s if s <= 4096 => 50_000,
-            s if s <= 64 * 1024 => 10_000,
-            _ => 2_000,
+        let (full, quick) = match size {
+            s if s <= 4096 => (20_000, 2_000),
+            s if s <= 64 * 1024 => (5_000, 500),
+            s if s <= 1 << 20 => (500, 100),
+            _ => (30, 5),
         };
         if self.quick {
-            full / 10
+            quick
         } else {
             full
         }
@@ -102,22 +97,60 @@ impl Plan {
 
     /// Warm-up iterations before measuring.
     pub fn warmup(&self, size: usize) -> u64 {
-        self.iters(size).min(1_000)
+        (self.iters(size) / 5).clamp(5, 1_000)
     }
 
     /// Messages for one-way throughput.
     pub fn stream_msgs(&self, size: usize) -> u64 {
-        let n = if size <= 4096 { 1_000_000 } else { 5_000 };
+        match (size <= 4096, self.quick) {
+            (true, false) => 1_000_000,
+            (true, true) => 50_000,
+            (false, false) => 5_000,
+            (false, true) => 200,
+        }
+    }
+
+    /// Guest counts for the scaling run.
+    pub fn guest_counts(&self) -> &'static [usize] {
         if self.quick {
-            n / 10
+            &[1, 4, 16]
         } else {
-            n
+            &[1, 4, 16, 64, 255]
+        }
+    }
+
+    /// Round trips each of `guests` guests makes in the scaling run: the total is
+    /// about the same for every count, with a floor per guest.
+    pub fn scale_round_trips(&self, guests: usize) -> u64 {
+        let (total, floor) = if self.quick {
+            (4_000, 50)
+        } else {
+            (20_000, 100)
+        };
+        (total / guests as u64).max(floor)
+    }
+
+    /// Guest attaches timed for the setup costs.
+    pub fn attaches(&self) -> u64 {
+        if self.quick {
+            50
+        } else {
+            200
+        }
+    }
+
+    /// Guests spawned (each attaching with a ticket) for the setup costs.
+    pub fn spawns(&self) -> u64 {
+        if self.quick {
+            10
+        } else {
+            50
         }
     }
 }
 
-/// Kills a process if it is still running when its budget runs out. Blocks on a
-/// channel (no periodic wake-ups); dropping the guard disarms it.
+/// Kills processes still running when their budget runs out. Blocks on a channel
+/// (no periodic wake-ups); dropping the guard disarms it.
 pub struct Watchdog {
     done: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -126,15 +159,22 @@ pub struct Watchdog {
 impl Watchdog {
     /// Arms a watchdog for `pid`.
     pub fn arm(pid: u32, budget: Duration) -> Self {
+        Self::arm_all(vec![pid], budget)
+    }
+
+    /// Arms one watchdog for every process in `pids`.
+    pub fn arm_all(pids: Vec<u32>, budget: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(budget) {
-                eprintln!("shm-bench: child {pid} over its {budget:?} budget, killing it");
-                let Ok(pid) = libc::pid_t::try_from(pid) else {
-                    return;
-                };
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                for pid in pids {
+                    eprintln!("shm-bench: child {pid} over its {budget:?} budget, killing it");
+                    let Ok(pid) = libc::pid_t::try_from(pid) else {
+                        continue;
+                    };
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
         });
         Self {
@@ -153,14 +193,14 @@ impl Drop for Watchdog {
     }
 }
 
-/// A command that re-executes this binary as a child with `role`.
+/// A command that re-executes this binary as a child with `role`, pinned to `cpu`
+/// (or free to run on any CPU when `None`).
 pub fn child_command(role: &str, cpu: Option<usize>) -> Command {
     let exe = std::env::current_exe().expect("current_exe");
     let mut cmd = Command::new(exe);
     cmd.env(crate::child::ROLE_ENV, role);
-    if let Some(cpu) = cpu {
-        cmd.env(crate::child::CPU_ENV, cpu.to_string());
-    }
+    let cpu = cpu.map_or_else(|| crate::child::ANY_CPU.to_string(), |c| c.to_string());
+    cmd.env(crate::child::CPU_ENV, cpu);
     cmd
 }
 
@@ -183,7 +223,7 @@ impl SpinDeadline {
     #[inline]
     pub fn expired(&mut self) -> bool {
         self.n = self.n.wrapping_add(1);
-        self.n % 4096 == 0 && Instant::now() >= self.deadline
+        self.n.is_multiple_of(4096) && Instant::now() >= self.deadline
     }
 }
 
