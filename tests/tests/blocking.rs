@@ -162,6 +162,7 @@ fn a_million_blocking_ping_pongs_lose_no_wakeup() {
         let mut g = ShmGuest::attach_path(arg("SEG")).unwrap();
         g.set_wait_policy(WaitPolicy {
             spin_rounds: arg("SPIN").parse().unwrap(),
+            spin_time: Duration::MAX,
         });
         tell("attached");
         let mut buf = Vec::new();
