@@ -6,6 +6,30 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
+use crate::freelist::Atom;
+
+/// A 64-bit counter whose low half other processes can sleep on: the segment's
+/// `AtomicU64`, or a stand-in in the loom models (which run the ring and wait code
+/// over loom's atomics, where a real futex cannot be used).
+pub trait FutexWord: Atom<V = u64> {
+    /// [`wait_low_half`] on this word.
+    fn futex_wait(&self, expected: u32, timeout: Duration);
+    /// [`wake_low_half`] on this word.
+    fn futex_wake(&self);
+}
+
+impl FutexWord for AtomicU64 {
+    #[inline]
+    fn futex_wait(&self, expected: u32, timeout: Duration) {
+        wait_low_half(self, expected, timeout);
+    }
+
+    #[inline]
+    fn futex_wake(&self) {
+        wake_low_half(self);
+    }
+}
+
 /// Sleeps while `*word == expected`, for at most `timeout`. Returns on wake, on
 /// timeout, on a signal, or at once if the word already differs; callers re-check
 /// their condition in a loop.

@@ -4,6 +4,8 @@ use std::fmt;
 use std::num::NonZeroU8;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::freelist::Atom;
+
 /// Size of a peer entry (one cache line).
 pub const PEER_ENTRY_SIZE: usize = 64;
 
@@ -102,15 +104,18 @@ fn unpack(raw: u64) -> Result<PeerWord, InvalidPeerWord> {
 
 // shm[impl shm.peer.entry-layout]
 /// One peer table entry, exactly as the spec's table (`shm.peer.entry-layout`).
+///
+/// Generic over its atomics (defaulting to the segment's) only so that the loom model
+/// in `crate::models` runs these transitions over loom's atomics.
 #[repr(C)]
 #[derive(Debug)]
-pub struct PeerEntry {
+pub struct PeerEntry<W = AtomicU64, P = AtomicU32> {
     /// `generation << 32 | state`; every transition is a CAS on this word.
-    pub state_word: AtomicU64,
+    pub state_word: W,
     /// The attached guest's process id (informational).
-    pub guest_pid: AtomicU32,
+    pub guest_pid: P,
     /// Why the host fenced this guest (0 = not fenced); see `Violation::code`.
-    pub fault: AtomicU32,
+    pub fault: P,
     /// Reserved, zero.
     pub _reserved: [AtomicU64; 6],
 }
@@ -124,7 +129,7 @@ const _: () = {
     assert!(offset_of!(PeerEntry, _reserved) == 16);
 };
 
-impl PeerEntry {
+impl<W: Atom<V = u64>, P: Atom<V = u32>> PeerEntry<W, P> {
     /// Acquire-loads and decodes the state word.
     pub fn load(&self) -> Result<PeerWord, InvalidPeerWord> {
         unpack(self.state_word.load(Ordering::Acquire))
@@ -137,7 +142,7 @@ impl PeerEntry {
 
     fn transition(&self, from: PeerWord, to: PeerWord) -> bool {
         self.state_word
-            .compare_exchange(
+            .cas(
                 pack(from.state, from.generation),
                 pack(to.state, to.generation),
                 Ordering::AcqRel,

@@ -6,11 +6,14 @@
 //! every transition is a CAS on the whole word, so a stale or duplicated reference can
 //! never free a slot twice. The free list (`crate::freelist`) only says where a Free
 //! slot may be found; a slot it names that is not Free is skipped.
+//!
+//! The pool types are generic over their atomics (defaulting to the segment's) only so
+//! that the loom models in `crate::models` run this very code over loom's atomics.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::freelist::{FreeList, FreeListError};
+use crate::freelist::{Atom, FreeList, FreeListError};
 use crate::region::Region;
 use crate::violation::Violation;
 
@@ -22,9 +25,9 @@ pub const OWNER_HOST: u32 = 0;
 /// The 64-byte header at the start of every pool (`shm.slot.layout`).
 #[repr(C)]
 #[derive(Debug)]
-pub struct PoolHeader {
+pub struct PoolHeader<W = AtomicU64> {
     /// Free-list head: tag (high 32 bits), index + 1 (low 32 bits, 0 = empty).
-    pub free_head: AtomicU64,
+    pub free_head: W,
     /// Reserved, zero.
     pub _reserved: [AtomicU64; 7],
 }
@@ -67,16 +70,26 @@ pub fn owner_word(peer_id: u8, generation: u32) -> u32 {
 }
 
 /// One pool in shared memory: the slots of one class, for one direction of one guest.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolView<'a> {
-    header: &'a PoolHeader,
-    words: &'a [AtomicU64],
-    links: &'a [AtomicU32],
-    owners: &'a [AtomicU32],
+/// `W` is the 64-bit atomic type of its state words and free-list head, `L` the
+/// 32-bit one of its links and owners.
+#[derive(Debug)]
+pub struct PoolView<'a, W = AtomicU64, L = AtomicU32> {
+    header: &'a PoolHeader<W>,
+    words: &'a [W],
+    links: &'a [L],
+    owners: &'a [L],
     region: Region<'a>,
     data_offset: usize,
     slot_size: u32,
 }
+
+impl<W, L> Clone for PoolView<'_, W, L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W, L> Copy for PoolView<'_, W, L> {}
 
 /// Slot counts by state, for accounting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,17 +107,17 @@ impl std::ops::AddAssign for PoolUsage {
     }
 }
 
-impl<'a> PoolView<'a> {
+impl<'a, W: Atom<V = u64>, L: Atom<V = u32>> PoolView<'a, W, L> {
     /// A view over a pool's header, its metadata arrays (`words`, `links` and
     /// `owners`, one entry per slot) and `words.len()` slots of `slot_size` bytes at
     /// `data_offset` in `region`. Panics if the arrays disagree in length or the data
     /// does not fit in the region: the arguments come from a validated layout, never
     /// from peers.
     pub fn new(
-        header: &'a PoolHeader,
-        words: &'a [AtomicU64],
-        links: &'a [AtomicU32],
-        owners: &'a [AtomicU32],
+        header: &'a PoolHeader<W>,
+        words: &'a [W],
+        links: &'a [L],
+        owners: &'a [L],
         region: Region<'a>,
         data_offset: usize,
         slot_size: u32,
@@ -133,7 +146,7 @@ impl<'a> PoolView<'a> {
         self.slot_size
     }
 
-    fn free_list(&self) -> FreeList<'a, AtomicU64, AtomicU32> {
+    fn free_list(&self) -> FreeList<'a, W, L> {
         FreeList::new(&self.header.free_head, self.links)
     }
 
@@ -147,7 +160,7 @@ impl<'a> PoolView<'a> {
         let generation = ((raw >> 32) as u32).wrapping_add(1);
         // Acquire: the receiver's reads of the slot's previous payload happen before
         // our writes of the new one.
-        meta.compare_exchange(
+        meta.cas(
             raw,
             pack(SlotState::Loaned, generation),
             Ordering::Acquire,
@@ -200,7 +213,7 @@ impl<'a> PoolView<'a> {
         ord: Ordering,
     ) -> Result<(), u64> {
         self.words[index as usize]
-            .compare_exchange(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
+            .cas(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
             .map(|_| ())
     }
 
@@ -255,7 +268,7 @@ impl<'a> PoolView<'a> {
         // Acquire: pairs with the sender's Release in mark_sent, so the payload is
         // visible.
         self.words[index as usize]
-            .compare_exchange(
+            .cas(
                 pack(SlotState::Sent, generation),
                 pack(SlotState::Received, generation),
                 Ordering::Acquire,
@@ -362,7 +375,7 @@ impl<'a> PoolView<'a> {
         };
         let sent = pack(SlotState::Sent, generation);
         let received = pack(SlotState::Received, generation);
-        match word.compare_exchange(received, sent, Ordering::AcqRel, Ordering::Acquire) {
+        match word.cas(received, sent, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => true,
             Err(found) => found == sent,
         }
