@@ -10,6 +10,12 @@
 //! Witnesses (loom `UnsafeCell`s and counters next to the shared words) are not part of
 //! the protocol: they let loom report an access that the protocol fails to order, and
 //! let the models assert who holds what.
+//!
+//! Every party runs in a spawned thread; the main thread only sets up, spawns, joins and
+//! checks. Loom 0.7 decides which interleavings to try from the last access to each
+//! object only, and does not try running a spawned thread's load-then-CAS ahead of the
+//! main thread's first access to the same word: a party run on the main thread right
+//! after the spawns is never overtaken at its start, and bugs there go unseen.
 
 mod peer;
 mod ring;

@@ -102,8 +102,8 @@ fn guest(e: &Entry, how: Attach, pid: u32) -> Option<u32> {
 }
 
 // The host reserves the entry for a child and, the child having failed to start,
-// releases the reservation, while a guest attaches by path and the spawned child
-// attaches with its ticket. Of the three, the transitions let through at most one
+// releases the reservation and reserves the next incarnation, while a guest attaches by
+// path and the first child attaches with its ticket. Of the three, the transitions let through at most one
 // holder at a time: the ticket claims only the reservation it was made for, a path
 // attach never takes a Reserved entry, a released reservation can no longer be claimed;
 // the generation grows by one with each return to Empty; the entry is never lost (the
@@ -122,8 +122,24 @@ fn reserve_release_and_claims_leave_one_holder() {
             thread::spawn(move || guest(&e, how, pid))
         };
         let (by_path, by_ticket) = (spawn(Attach::Path, 1), spawn(Attach::Ticket, 2));
-        let reserved = e.entry.try_reserve();
-        let released = reserved.is_some() && e.entry.release_reservation();
+        // The host runs in a thread of its own too: loom then interleaves all three
+        // from their first step.
+        let host = {
+            let e = e.clone();
+            thread::spawn(move || {
+                let reserved = e.entry.try_reserve();
+                let released = reserved.is_some() && e.entry.release_reservation();
+                // And reserves the next incarnation for another child, whose ticket
+                // the first child's must not claim.
+                let again = if released {
+                    e.entry.try_reserve()
+                } else {
+                    None
+                };
+                (reserved, released, again)
+            })
+        };
+        let (reserved, released, again) = host.join().unwrap();
         let (by_path, by_ticket) = (by_path.join().unwrap(), by_ticket.join().unwrap());
         // The ticket claims only the reservation, and only if it was not released.
         if by_ticket.is_some() {
@@ -135,7 +151,10 @@ fn reserve_release_and_claims_leave_one_holder() {
         }
         match by_path {
             Some(0) => assert_eq!(reserved, None, "a path attach took a Reserved entry"),
-            Some(1) => assert!(released, "a path attach took a reserved incarnation"),
+            Some(1) => {
+                assert!(released, "a path attach took a reserved incarnation");
+                assert_eq!(again, None, "a path attach took a Reserved entry");
+            }
             Some(g) => panic!("claimed generation {g}"),
             None => {}
         }
@@ -191,23 +210,27 @@ fn crash_reclaim_and_a_racing_attach_leave_one_holder() {
                 None
             })
         };
-        let mut recycled = 0;
         // The host finds the first guest dead (the join stands for its lock or pidfd)
         // and, if it still holds its incarnation, recovers it.
-        if let Some(generation) = dying.join().unwrap() {
-            let attached = PeerWord {
-                state: PeerState::Attached,
-                generation,
-            };
-            let goodbye = PeerWord {
-                state: PeerState::Goodbye,
-                generation,
-            };
-            assert!(e.entry.cas(attached, goodbye), "a dead guest's entry stays");
-            e.unhold();
-            e.recycle(generation);
-            recycled += 1;
-        }
+        let host = {
+            let e = e.clone();
+            thread::spawn(move || {
+                let generation = dying.join().unwrap()?;
+                let attached = PeerWord {
+                    state: PeerState::Attached,
+                    generation,
+                };
+                let goodbye = PeerWord {
+                    state: PeerState::Goodbye,
+                    generation,
+                };
+                assert!(e.entry.cas(attached, goodbye), "a dead guest's entry stays");
+                e.unhold();
+                e.recycle(generation);
+                Some(generation)
+            })
+        };
+        let mut recycled = u32::from(host.join().unwrap().is_some());
         let second = retrying.join().unwrap();
         let word = e.word();
         if word.state == PeerState::Goodbye {
@@ -253,12 +276,18 @@ fn a_fence_racing_a_detach_keeps_the_entry_fenced() {
             let e = e.clone();
             thread::spawn(move || guest(&e, Attach::Path, 3))
         };
-        // The host saw Attached(0) misbehave.
-        e.entry.fence(0, FAULT);
-        fenced.join().unwrap();
-        // Dead: recovered at the fence generation whatever the word says.
-        e.entry.fence(0, FAULT);
-        e.recycle(0);
+        let host = {
+            let e = e.clone();
+            thread::spawn(move || {
+                // The host saw Attached(0) misbehave.
+                e.entry.fence(0, FAULT);
+                fenced.join().unwrap();
+                // Dead: recovered at the fence generation whatever the word says.
+                e.entry.fence(0, FAULT);
+                e.recycle(0);
+            })
+        };
+        host.join().unwrap();
         match newcomer.join().unwrap() {
             Some(g) => {
                 assert_eq!(g, 1, "the fenced incarnation was claimed");

@@ -150,8 +150,12 @@ fn a_wrapping_ring_delivers_every_message_once_in_order() {
             let ring = ring.clone();
             thread::spawn(move || produce(&ring, 3))
         };
-        consume(&ring, 3);
+        let consumer = {
+            let ring = ring.clone();
+            thread::spawn(move || consume(&ring, 3))
+        };
         producer.join().unwrap();
+        consumer.join().unwrap();
         let view = ring.view();
         assert_eq!(view.raw_depth(), 0);
         assert_eq!(ring.header.tail.load(Ordering::Relaxed), 3);

@@ -150,25 +150,29 @@ fn slots_travel_and_return_without_a_race_or_a_loss() {
                 fresh
             })
         };
-        let view = pool.view();
-        for n in 0..PAYLOADS {
-            let reference = loop {
-                match mailbox[n as usize].load(Ordering::Relaxed) {
-                    0 => thread::yield_now(),
-                    r => break r,
+        let receiver = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let view = pool.view();
+                for n in 0..PAYLOADS {
+                    let reference = loop {
+                        match mailbox[n as usize].load(Ordering::Relaxed) {
+                            0 => thread::yield_now(),
+                            r => break r,
+                        }
+                    };
+                    let (index, generation) = (reference as u32 - 1, (reference >> 32) as u32);
+                    view.claim(index, generation, SLOT_SIZE, 1).unwrap();
+                    pool.read(index, n);
+                    view.release(index, generation).unwrap();
+                    // A second free of the same reference fails.
+                    let again = view.release(index, generation);
+                    assert!(again.is_err(), "slot {index} freed twice");
                 }
-            };
-            let (index, generation) = (reference as u32 - 1, (reference >> 32) as u32);
-            view.claim(index, generation, SLOT_SIZE, 1).unwrap();
-            pool.read(index, n);
-            view.release(index, generation).unwrap();
-            // A second free of the same reference fails.
-            assert!(
-                view.release(index, generation).is_err(),
-                "slot {index} freed twice"
-            );
-        }
+            })
+        };
         let fresh = sender.join().unwrap();
+        receiver.join().unwrap();
         pool.check_all_free(fresh);
     });
 }
@@ -203,13 +207,20 @@ fn concurrent_frees_and_a_returned_loan_lose_nothing() {
             })
             .collect();
         // The sender: the list (or, once both are freed, any slot) yields a Free slot.
-        let (index, generation) = alloc(&view, &mut fresh);
-        assert_eq!(view.state(index), Some(SlotState::Loaned));
-        view.mark_sent(index, generation).unwrap();
-        view.unloan(index, generation);
+        let sender = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let view = pool.view();
+                let (index, generation) = alloc(&view, &mut fresh);
+                assert_eq!(view.state(index), Some(SlotState::Loaned));
+                view.mark_sent(index, generation).unwrap();
+                view.unloan(index, generation);
+                fresh
+            })
+        };
         for receiver in receivers {
             receiver.join().unwrap();
         }
-        pool.check_all_free(fresh);
+        pool.check_all_free(sender.join().unwrap());
     });
 }

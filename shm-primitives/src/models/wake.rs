@@ -50,18 +50,22 @@ fn a_consumer_waiting_for_data_always_wakes() {
                     .unwrap();
             })
         };
-        let view = ring.view();
-        let mut consumer = Consumer::new();
-        let got = wait_for(BLOCK, FOREVER, &view.data_bell(), || consumer.peek(&view));
-        assert_eq!(
-            got,
-            Ok(Some(Descriptor {
-                seq: 0,
-                ..message(0)
-            }))
-        );
-        consumer.advance(&view);
+        let consumer = {
+            let ring = ring.clone();
+            thread::spawn(move || {
+                let view = ring.view();
+                let mut consumer = Consumer::new();
+                let got = wait_for(BLOCK, FOREVER, &view.data_bell(), || consumer.peek(&view));
+                let first = Descriptor {
+                    seq: 0,
+                    ..message(0)
+                };
+                assert_eq!(got, Ok(Some(first)));
+                consumer.advance(&view);
+            })
+        };
         producer.join().unwrap();
+        consumer.join().unwrap();
     });
 }
 
@@ -89,11 +93,17 @@ fn a_producer_waiting_for_ring_space_always_wakes() {
                 producer.push(&view, message(1), None).unwrap();
             })
         };
-        let view = ring.view();
-        let mut consumer = Consumer::new();
-        assert!(consumer.peek(&view).unwrap().is_some());
-        consumer.advance(&view);
-        view.wake_producer(None);
+        let consumer = {
+            let ring = ring.clone();
+            thread::spawn(move || {
+                let view = ring.view();
+                let mut consumer = Consumer::new();
+                assert!(consumer.peek(&view).unwrap().is_some());
+                consumer.advance(&view);
+                view.wake_producer(None);
+            })
+        };
         waiter.join().unwrap();
+        consumer.join().unwrap();
     });
 }
