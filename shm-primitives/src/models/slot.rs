@@ -224,3 +224,69 @@ fn concurrent_frees_and_a_returned_loan_lose_nothing() {
         pool.check_all_free(sender.join().unwrap());
     });
 }
+
+// The host recycles an entry (`shm.slot.reclaim`) while one of its threads still holds
+// a view of a slot the departed guest sent: the reclaim keeps that Received slot (the
+// view frees it), returns the guest's Sent and Loaned slots and empties the list; then
+// the next guest, starting its fresh scan at 0, allocates every slot and writes it. The
+// view's free (Received -> Free, push) races the reclaim and the new allocations: the
+// view's read is ordered before the new guest's write, and the new guest gets each slot
+// exactly once and eventually all of them. With the list emptied by a plain store, a
+// push landing just before it was erased without ordering the slot's Free word before
+// the scan, which could then miss the slot for good: loom found it.
+// shm[verify shm.slot.reclaim]
+#[test]
+fn reclaim_racing_a_view_drop_loses_no_slot() {
+    model(3, || {
+        let pool = Arc::new(Pool::new(3));
+        let view = pool.view();
+        let mut fresh = 0;
+        for _ in 0..3 {
+            alloc(&view, &mut fresh);
+        }
+        // Slot 0: Received by the host's view (payload 7). Slot 1: Sent, never claimed.
+        // Slot 2: Loaned, the guest died writing it.
+        pool.write(0, 7);
+        view.mark_sent(0, 1).unwrap();
+        view.claim(0, 1, SLOT_SIZE, 0).unwrap();
+        view.mark_sent(1, 1).unwrap();
+        let holder = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                pool.read(0, 7);
+                pool.view().release(0, 1).unwrap();
+            })
+        };
+        let host = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let view = pool.view();
+                // Slot 0 is kept (Received) or already Free; slots 1 and 2 return.
+                assert_eq!(view.reclaim_all(|state| state == SlotState::Received), 2);
+                // The next guest (after the recycle) allocates with a fresh scan.
+                let mut fresh = 0;
+                let mut taken = Vec::new();
+                while taken.len() < 3 {
+                    match view.alloc(&mut fresh, 2).expect("an honest free list") {
+                        Some((index, _)) => {
+                            assert!(!taken.contains(&index), "slot {index} allocated twice");
+                            pool.write(index, 8);
+                            taken.push(index);
+                        }
+                        // Slot 0 is still Received: the view's free will list it. Were it
+                        // freed but neither listed nor left to the scan, this would spin
+                        // until loom gives up on the model.
+                        None => thread::yield_now(),
+                    }
+                }
+            })
+        };
+        holder.join().unwrap();
+        host.join().unwrap();
+        // Every slot is the next guest's (the list may still name slot 0: a stale hint,
+        // which the allocator skips).
+        for index in 0..3 {
+            assert_eq!(view.state(index), Some(SlotState::Loaned), "slot {index}");
+        }
+    });
+}
