@@ -16,6 +16,13 @@ pub trait FutexWord: Atom<V = u64> {
     fn futex_wait(&self, expected: u32, timeout: Duration);
     /// [`wake_low_half`] on this word.
     fn futex_wake(&self);
+    /// Moves the word (SeqCst increment) before a wake, so that a waiter whose
+    /// snapshot is older does not go to sleep after the wake was sent.
+    fn futex_bump(&self);
+    /// A SeqCst fence in the memory model these words live in.
+    fn seq_cst_fence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl FutexWord for AtomicU64 {
@@ -27,6 +34,11 @@ impl FutexWord for AtomicU64 {
     #[inline]
     fn futex_wake(&self) {
         wake_low_half(self);
+    }
+
+    #[inline]
+    fn futex_bump(&self) {
+        self.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -15,7 +15,7 @@ pub const HEADER_SIZE: usize = 256;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
 /// Current layout and protocol version (5: slot classes, broadcast pool, large
 /// payloads and message kinds).
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).
@@ -455,6 +455,7 @@ impl HostBell<'_> {
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
         self.0.host_parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Clears the parked mark, if set.
@@ -468,6 +469,8 @@ impl HostBell<'_> {
 impl crate::wait::Bell for HostBell<'_> {
     fn arm(&self) -> u32 {
         self.0.host_parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        // As every arm (`shm.wake.park`); the re-check's C1 loads are SeqCst as well.
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.0.host_bell.load(Ordering::SeqCst)
     }
 

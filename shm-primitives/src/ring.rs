@@ -49,8 +49,13 @@ pub struct RingHeader<C = AtomicU64, F = AtomicU32> {
     pub producer_parked: F,
     /// Reserved, zero.
     pub _consumer_pad: AtomicU32,
+    /// The futex word of a producer parked for space or a slot (`shm.wake.space`):
+    /// the consumer increments it before waking that producer. Not `head`, because a
+    /// freed slot does not move `head`: a wake sent between the producer's re-check and
+    /// its sleep would find nobody asleep, and the sleep would find `head` unchanged.
+    pub space_bell: C,
     /// Reserved (consumer line), zero.
-    pub _consumer_reserved: [AtomicU64; 6],
+    pub _consumer_reserved: [AtomicU64; 5],
 }
 
 const _: () = {
@@ -60,6 +65,7 @@ const _: () = {
     assert!(offset_of!(RingHeader, consumer_parked) == 8);
     assert!(offset_of!(RingHeader, head) == 64);
     assert!(offset_of!(RingHeader, producer_parked) == 72);
+    assert!(offset_of!(RingHeader, space_bell) == 80);
 };
 
 /// A ring in shared memory: its header and `capacity` descriptors.
@@ -160,8 +166,20 @@ impl<'a, C: FutexWord, F: Atom<V = u32>> RingView<'a, C, F> {
     pub fn wake_producer(&self, bell: Option<BorrowedFd<'_>>) {
         let parked = self.header.producer_parked.load(Ordering::SeqCst);
         if parked != 0 {
-            wake(parked, &self.header.head, bell);
+            wake_space(parked, &self.header.space_bell, bell);
         }
+    }
+
+    /// Receiver, after freeing a slot: [`wake_producer`](Self::wake_producer) behind a
+    /// SeqCst fence. A free is no SeqCst store, so the SeqCst pairs of
+    /// `shm.wake.park` do not order it; the fence pairs with the one a parking producer
+    /// issues after arming (`CounterBell::arm`): either the producer's re-check sees
+    /// the free, or this load sees the producer's flag (`shm.wake.space`).
+    // shm[impl shm.wake.space]
+    #[inline]
+    pub fn wake_producer_after_free(&self, bell: Option<BorrowedFd<'_>>) {
+        C::seq_cst_fence();
+        self.wake_producer(bell);
     }
 
     /// Whether the consumer waits on its doorbell (a producer that had no doorbell to
@@ -180,7 +198,7 @@ impl<'a, C: FutexWord, F: Atom<V = u32>> RingView<'a, C, F> {
     // shm[impl shm.live.host-close]
     pub fn wake_waiters(&self) {
         self.header.tail.futex_wake();
-        self.header.head.futex_wake();
+        self.header.space_bell.futex_wake();
     }
 
     /// The bell a consumer parks on while the ring is empty.
@@ -194,7 +212,7 @@ impl<'a, C: FutexWord, F: Atom<V = u32>> RingView<'a, C, F> {
     /// The bell a producer parks on while the ring is full or its pool is empty.
     pub fn space_bell(&self) -> CounterBell<'a, C, F> {
         CounterBell {
-            counter: &self.header.head,
+            counter: &self.header.space_bell,
             parked: &self.header.producer_parked,
         }
     }
@@ -218,6 +236,16 @@ fn wake(parked: u32, counter: &impl FutexWord, bell: Option<BorrowedFd<'_>>) {
         (PARKED_DOORBELL, None) => {}
         _ => counter.futex_wake(),
     }
+}
+
+/// [`wake`] for a producer: a futex sleeper's word is moved first.
+#[cold]
+#[inline(never)]
+fn wake_space(parked: u32, space_bell: &impl FutexWord, bell: Option<BorrowedFd<'_>>) {
+    if parked != PARKED_DOORBELL {
+        space_bell.futex_bump();
+    }
+    wake(parked, space_bell, bell);
 }
 
 fn decode_violation(e: DecodeError) -> Violation {
@@ -276,9 +304,11 @@ impl Producer {
         if self.tail.wrapping_sub(self.head_cache) < u64::from(ring.capacity) {
             return Ok(true);
         }
-        // (P1) Acquire-load head: the consumer's reads of the entries it released
-        // happen before we overwrite them.
-        let head = ring.header.head.load(Ordering::Acquire);
+        // (P1) Load head: Acquire, so the consumer's reads of the entries it released
+        // happen before we overwrite them; SeqCst, so that a producer re-checking after
+        // arming its parked flag either sees the consumer's C3 or is seen by its C4
+        // (`shm.wake.park`).
+        let head = ring.header.head.load(Ordering::SeqCst);
         let depth = check_distance(head, self.tail, ring.capacity)?;
         self.head_cache = head;
         Ok(depth < ring.capacity)
@@ -348,9 +378,10 @@ impl Consumer {
         ring: &RingView<'_, C, F>,
     ) -> Result<Option<Descriptor>, Violation> {
         if self.head == self.tail_cache {
-            // (C1) Acquire-load tail: pairs with P3, so the descriptor words are
-            // visible.
-            let tail = ring.header.tail.load(Ordering::Acquire);
+            // (C1) Load tail: Acquire, pairing with P3, so the descriptor words are
+            // visible; SeqCst, so that a consumer re-checking after arming its parked
+            // flag either sees P3 or is seen by P4 (`shm.wake.park`).
+            let tail = ring.header.tail.load(Ordering::SeqCst);
             check_distance(self.head, tail, ring.capacity)?;
             self.tail_cache = tail;
             if tail == self.head {
@@ -409,7 +440,7 @@ impl<C, F> Clone for CounterBell<'_, C, F> {
 
 impl<C, F> Copy for CounterBell<'_, C, F> {}
 
-impl<C, F: Atom<V = u32>> CounterBell<'_, C, F> {
+impl<C: FutexWord, F: Atom<V = u32>> CounterBell<'_, C, F> {
     /// Marks the waiter parked on its doorbell (SeqCst, like [`Bell::arm`]: the
     /// caller re-checks its condition after this, then waits on the doorbell).
     ///
@@ -417,6 +448,8 @@ impl<C, F: Atom<V = u32>> CounterBell<'_, C, F> {
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
         self.parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        // As in `arm`: orders the flag before the re-check's loads of a slot.
+        C::seq_cst_fence();
     }
 
     /// Clears the parked mark, if set (no store otherwise: the flag shares the other
@@ -431,6 +464,10 @@ impl<C, F: Atom<V = u32>> CounterBell<'_, C, F> {
 impl<C: FutexWord, F: Atom<V = u32>> crate::wait::Bell for CounterBell<'_, C, F> {
     fn arm(&self) -> u32 {
         self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        // Orders the flag before every load of the re-check, including those of a
+        // slot's word and free list, which no SeqCst store of the other side publishes:
+        // pairs with the receiver's fence after a free (`wake_producer_after_free`).
+        C::seq_cst_fence();
         self.counter.load(Ordering::SeqCst) as u32
     }
 

@@ -275,7 +275,7 @@ impl Drop for SlotView {
             let _ = pool.release(self.index, self.generation);
         }
         if let Some(ring) = self.segment.ring(self.peer, self.dir) {
-            ring.wake_producer(self.bell.as_ref().map(|b| b.as_fd()));
+            ring.wake_producer_after_free(self.bell.as_ref().map(|b| b.as_fd()));
         }
         if let Some(live) = &self.live {
             live.fetch_sub(1, Ordering::Release);

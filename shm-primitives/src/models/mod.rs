@@ -64,4 +64,12 @@ impl FutexWord for AtomicU64 {
         let _guard = lock.lock().unwrap();
         sleepers.notify_all();
     }
+
+    fn futex_bump(&self) {
+        self.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn seq_cst_fence() {
+        loom::sync::atomic::fence(Ordering::SeqCst);
+    }
 }

@@ -46,6 +46,7 @@ impl Ring {
             head: atomic(0),
             producer_parked: flag(),
             _consumer_pad: Default::default(),
+            space_bell: atomic(0),
             _consumer_reserved: Default::default(),
         };
         Ring {
