@@ -4,8 +4,10 @@
 //! Those types are generic over their atomics (defaulting to the segment's); here they
 //! are instantiated with loom's, so loom explores the interleavings and the weak-memory
 //! outcomes of the very code products run. Like the other models in this crate they are
-//! ordinary tests (`loom::model`, no `--cfg loom`), bounded in preemptions so that each
-//! takes seconds; `LOOM_MAX_PREEMPTIONS` overrides the bound.
+//! ordinary tests (`loom::model`, no `--cfg loom`), run by `cargo nextest run` like the
+//! rest; each explores every interleaving or, where that takes minutes, those within a
+//! preemption bound, so that each takes seconds even in a debug build
+//! (`LOOM_MAX_PREEMPTIONS` overrides the bound).
 //!
 //! Witnesses (loom `UnsafeCell`s and counters next to the shared words) are not part of
 //! the protocol: they let loom report an access that the protocol fails to order, and
@@ -29,12 +31,13 @@ use std::time::Duration;
 
 use crate::futex::FutexWord;
 
-/// Runs `f` under loom with at most `bound` preemptions, unless `LOOM_MAX_PREEMPTIONS`
-/// says otherwise.
-fn model<F: Fn() + Sync + Send + 'static>(bound: usize, f: F) {
+/// Runs `f` under loom with at most `bound` preemptions (`None`: every interleaving),
+/// unless `LOOM_MAX_PREEMPTIONS` says otherwise. The models whose every interleaving
+/// takes seconds in a debug build are exhaustive; the others are bounded.
+fn model<F: Fn() + Sync + Send + 'static>(bound: Option<usize>, f: F) {
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(bound);
+        builder.preemption_bound = bound;
     }
     builder.check(f);
 }

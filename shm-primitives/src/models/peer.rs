@@ -115,7 +115,7 @@ fn guest(e: &Entry, how: Attach, pid: u32) -> Option<u32> {
 // shm[verify shm.peer.attach-reserved]
 #[test]
 fn reserve_release_and_claims_leave_one_holder() {
-    model(3, || {
+    model(Some(3), || {
         let e = Arc::new(Entry::new());
         let spawn = |how, pid| {
             let e = e.clone();
@@ -186,7 +186,7 @@ fn reserve_release_and_claims_leave_one_holder() {
 // shm[verify shm.peer.recycle]
 #[test]
 fn crash_reclaim_and_a_racing_attach_leave_one_holder() {
-    model(3, || {
+    model(Some(3), || {
         let e = Arc::new(Entry::new());
         let dying = {
             let e = e.clone();
@@ -256,7 +256,7 @@ fn crash_reclaim_and_a_racing_attach_leave_one_holder() {
 // shm[verify shm.peer.detach]
 #[test]
 fn a_fence_racing_a_detach_keeps_the_entry_fenced() {
-    model(2, || {
+    model(None, || {
         let e = Arc::new(Entry::new());
         assert_eq!(e.entry.try_claim(PeerState::Empty, None, 1), Ok(0));
         e.hold(1);

@@ -140,12 +140,12 @@ fn consume(ring: &Ring, count: u64) {
 // content; no entry is read while written or overwritten before it is read (the
 // witness); the ring never holds more than its capacity (a push into a full ring
 // would overwrite an unread entry, which the seq check and the witness catch).
-// Exhaustive takes minutes; three preemptions, seconds.
+// Every interleaving: about a second in release, six in a debug build.
 // shm[verify shm.ring.produce]
 // shm[verify shm.ring.consume]
 #[test]
 fn a_wrapping_ring_delivers_every_message_once_in_order() {
-    model(3, || {
+    model(None, || {
         let ring = Arc::new(Ring::new(2));
         let producer = {
             let ring = ring.clone();

@@ -126,7 +126,7 @@ fn alloc(pool: &PoolView<'_, AtomicU64, AtomicU32>, fresh: &mut u32) -> (u32, u3
 // shm[verify shm.slot.free-list]
 #[test]
 fn slots_travel_and_return_without_a_race_or_a_loss() {
-    model(2, || {
+    model(Some(2), || {
         const PAYLOADS: u64 = 3;
         let pool = Arc::new(Pool::new(2));
         // Reference n as `generation << 32 | index + 1`, 0 until sent.
@@ -185,7 +185,7 @@ fn slots_travel_and_return_without_a_race_or_a_loss() {
 // shm[verify shm.slot.free-list]
 #[test]
 fn concurrent_frees_and_a_returned_loan_lose_nothing() {
-    model(2, || {
+    model(Some(2), || {
         let pool = Arc::new(Pool::new(3));
         let view = pool.view();
         // Slots 0 and 1 were sent at generation 1 and claimed; slot 2 is Free and listed.
@@ -237,7 +237,7 @@ fn concurrent_frees_and_a_returned_loan_lose_nothing() {
 // shm[verify shm.slot.reclaim]
 #[test]
 fn reclaim_racing_a_view_drop_loses_no_slot() {
-    model(3, || {
+    model(None, || {
         let pool = Arc::new(Pool::new(3));
         let view = pool.view();
         let mut fresh = 0;

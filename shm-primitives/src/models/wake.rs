@@ -45,7 +45,7 @@ const FOREVER: Duration = Duration::MAX;
 // shm[verify shm.wake.signal]
 #[test]
 fn a_consumer_waiting_for_data_always_wakes() {
-    model(3, || {
+    model(None, || {
         let ring = Arc::new(Ring::new(2));
         let producer = {
             let ring = ring.clone();
@@ -83,7 +83,7 @@ fn a_consumer_waiting_for_data_always_wakes() {
 // shm[verify shm.wake.space]
 #[test]
 fn a_producer_waiting_for_ring_space_always_wakes() {
-    model(3, || {
+    model(None, || {
         let ring = Arc::new(Ring::new(1));
         let mut producer = Producer::new();
         producer.push(&ring.view(), message(0), None).unwrap();
@@ -125,7 +125,7 @@ fn a_producer_waiting_for_ring_space_always_wakes() {
 // shm[verify shm.slot.exhausted]
 #[test]
 fn a_sender_waiting_for_a_slot_always_wakes() {
-    model(3, || {
+    model(Some(3), || {
         let ring = Arc::new(Ring::new(2));
         let pool = Arc::new(Pool::new(1));
         // The slot travelled: allocated, written, sent, its descriptor published.
