@@ -281,3 +281,110 @@ impl<W: Atom<V = u64>, P: Atom<V = u32>> PeerEntry<W, P> {
             .store(pack(PeerState::Goodbye, generation), Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(raw: u64) -> PeerEntry {
+        PeerEntry {
+            state_word: AtomicU64::new(raw),
+            guest_pid: AtomicU32::new(0),
+            fault: AtomicU32::new(0),
+            _reserved: Default::default(),
+        }
+    }
+
+    fn w(state: PeerState, generation: u32) -> PeerWord {
+        PeerWord { state, generation }
+    }
+
+    // shm[verify shm.topology.peer-id]
+    #[test]
+    fn peer_ids_are_1_to_255_and_say_so() {
+        assert_eq!(PeerId::new(0), None);
+        assert_eq!(PeerId::from_index(254).map(PeerId::get), Some(255));
+        assert_eq!(PeerId::from_index(255), None);
+        let id = PeerId::new(3).unwrap();
+        assert_eq!((id.get(), id.index()), (3, 2));
+        assert_eq!(id.to_string(), "peer 3");
+    }
+
+    // shm[verify shm.peer.states]
+    #[test]
+    fn every_state_and_generation_round_trips_and_other_words_hold_none() {
+        let states = [
+            PeerState::Empty,
+            PeerState::Reserved,
+            PeerState::Attached,
+            PeerState::Goodbye,
+        ];
+        for (raw, state) in states.into_iter().enumerate() {
+            let e = entry((0xdead_beef << 32) | raw as u64);
+            assert_eq!(e.load(), Ok(w(state, 0xdead_beef)));
+            assert_eq!(pack(state, 0xdead_beef), (0xdead_beef << 32) | raw as u64);
+        }
+        let bad = (7 << 32) | 4;
+        assert_eq!(entry(bad).load(), Err(InvalidPeerWord { raw: bad }));
+        assert_eq!(
+            entry(bad).try_claim(PeerState::Empty, None, 1),
+            Err(None),
+            "no state: not claimable"
+        );
+        assert_eq!(entry(bad).try_reserve(), None);
+        assert!(!entry(bad).release_reservation());
+    }
+
+    // Each host transition moves exactly the word it names, bumps the generation exactly
+    // when the entry goes back to Empty (or a reservation is renewed), and refuses any
+    // other word, changing nothing.
+    // shm[verify shm.peer.reserve]
+    // shm[verify shm.peer.release-reservation]
+    // shm[verify shm.peer.attach-reserved]
+    // shm[verify shm.untrusted.fence]
+    #[test]
+    fn transitions_move_only_the_exact_word() {
+        let e = entry(pack(PeerState::Empty, 5));
+        assert!(!e.cas(w(PeerState::Empty, 4), w(PeerState::Reserved, 4)));
+        assert!(e.cas(w(PeerState::Empty, 5), w(PeerState::Empty, 5)));
+        assert_eq!(e.try_reserve(), Some(5));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 5)));
+        assert_eq!(e.try_reserve(), None, "only Empty is reserved");
+        assert!(e.release_reservation());
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 6)));
+        assert!(!e.release_reservation(), "only Reserved is released");
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 6)));
+
+        // A retained entry: Goodbye(g) -> Reserved(g+1), pid cleared.
+        e.state_word
+            .store(pack(PeerState::Goodbye, 6), Ordering::Relaxed);
+        e.guest_pid.store(42, Ordering::Relaxed);
+        assert!(!e.retain(5));
+        assert!(e.retain(6));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 7)));
+        assert_eq!(e.guest_pid.load(Ordering::Relaxed), 0);
+        assert!(!e.retain(6), "only Goodbye is retained");
+        assert!(!e.renew_reservation(6));
+        assert!(e.renew_reservation(7));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 8)));
+
+        // A ticket claims only its own incarnation, and records the guest.
+        e.fault.store(3, Ordering::Relaxed);
+        let stale = e.try_claim(PeerState::Reserved, Some(7), 9);
+        assert_eq!(stale, Err(Some(w(PeerState::Reserved, 8))));
+        assert_eq!(e.try_claim(PeerState::Empty, None, 9), stale);
+        assert_eq!(e.try_claim(PeerState::Reserved, Some(8), 9), Ok(8));
+        assert_eq!(e.load(), Ok(w(PeerState::Attached, 8)));
+        assert_eq!(e.guest_pid.load(Ordering::Relaxed), 9);
+        assert_eq!(e.fault.load(Ordering::Relaxed), 0);
+
+        // The fence overrides any word, even one holding no state.
+        e.state_word.store(u64::MAX, Ordering::Relaxed);
+        e.fence(8, 11);
+        assert_eq!(e.load(), Ok(w(PeerState::Goodbye, 8)));
+        assert_eq!(e.fault.load(Ordering::Relaxed), 11);
+        assert!(!e.goodbye(8), "a fenced guest's goodbye fails");
+        assert!(e.recycle(8));
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 9)));
+    }
+}

@@ -148,3 +148,87 @@ impl Violation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Violation;
+
+    fn every_variant() -> [Violation; 13] {
+        [
+            Violation::PeerWord { raw: 9 },
+            Violation::RingIndex {
+                head: 0,
+                tail: 9,
+                capacity: 8,
+            },
+            Violation::DescSequence {
+                expected: 1,
+                found: 2,
+            },
+            Violation::DescKind { kind: 9 },
+            Violation::InlineLen { len: 40, max: 36 },
+            Violation::SlotIndex { index: 5, count: 4 },
+            Violation::SlotLen {
+                len: 9,
+                slot_size: 8,
+            },
+            Violation::SlotState {
+                index: 0,
+                generation: 1,
+                found: 0,
+            },
+            Violation::FreeList { found: 99 },
+            Violation::SlotClass {
+                class: 7,
+                classes: 1,
+            },
+            Violation::DescFlags { flags: 9 },
+            Violation::Large {
+                seq: 1,
+                reason: "test",
+            },
+            Violation::Broadcast {
+                index: 0,
+                generation: 1,
+                found: 0,
+            },
+        ]
+    }
+
+    // The fault code is what a fenced guest reads to learn why (`shm.peer.entry-layout`):
+    // non-zero (0 means "not fenced"), one per variant, and the rule names a spec rule.
+    // shm[verify shm.untrusted.validate]
+    #[test]
+    fn every_violation_has_its_own_nonzero_code_and_a_spec_rule() {
+        let codes: Vec<u32> = every_variant().iter().map(Violation::code).collect();
+        assert_eq!(codes, (1..=13).collect::<Vec<u32>>());
+        let spec: String = [
+            "03-peers",
+            "04-rings",
+            "05-slots",
+            "06-messages",
+            "10-broadcast",
+        ]
+        .iter()
+        .map(|name| {
+            let path = format!("{}/../spec/{name}.md", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        })
+        .collect();
+        for v in every_variant() {
+            let rule = v.rule();
+            assert!(
+                spec.contains(&format!("shm[{rule}]")),
+                "{v:?}: {rule} is not a rule of the spec"
+            );
+        }
+        assert_eq!(
+            Violation::DescSequence {
+                expected: 0,
+                found: 1
+            }
+            .rule(),
+            "shm.ring.validate"
+        );
+    }
+}
