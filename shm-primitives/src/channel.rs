@@ -491,7 +491,7 @@ pub fn copy_out(
             pool.read_to_vec(index, len, out);
             let freed = pool.release(index, generation);
             // The slot is free: wake a producer parked for one.
-            ring.wake_producer(bell);
+            ring.wake_producer_after_free(bell);
             freed.map_err(|found| Violation::SlotState {
                 index,
                 generation,

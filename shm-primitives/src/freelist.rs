@@ -152,9 +152,29 @@ impl<'a, H: Atom<V = u64>, L: Atom<V = u32>> FreeList<'a, H, L> {
         Err(FreeListError::Contended)
     }
 
-    /// Empties the list (only for a party no one else uses the pool with).
+    // shm[impl shm.slot.reclaim]
+    /// Empties the list (only for a party no one else allocates from the pool with).
+    ///
+    /// A compare-and-swap, not a store: a push that lands just before the clear (a
+    /// slot freed by a view the host still holds over a recycle, `shm.slot.reclaim`)
+    /// is then read by it (Acquire), so the slot's Free word happens before whatever
+    /// follows the clear, and the next sender's scan finds it. A plain store could
+    /// erase that push without ordering anything: the slot, Free but unlisted, could
+    /// then be missed by the scan and lost until the next reset.
     pub fn clear(&self) {
-        let tag = (self.head.load(Ordering::Relaxed) >> 32) as u32;
+        let mut head = self.head.load(Ordering::Relaxed);
+        for _ in 0..MAX_ATTEMPTS {
+            let new = pack(((head >> 32) as u32).wrapping_add(1), 0);
+            match self
+                .head
+                .cas(head, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(found) => head = found,
+            }
+        }
+        // Only a party that keeps rewriting the head gets here; empty it regardless.
+        let tag = (head >> 32) as u32;
         self.head
             .store(pack(tag.wrapping_add(1), 0), Ordering::Release);
     }

@@ -6,6 +6,42 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
+use crate::freelist::Atom;
+
+/// A 64-bit counter whose low half other processes can sleep on: the segment's
+/// `AtomicU64`, or a stand-in in the loom models (which run the ring and wait code
+/// over loom's atomics, where a real futex cannot be used).
+pub trait FutexWord: Atom<V = u64> {
+    /// [`wait_low_half`] on this word.
+    fn futex_wait(&self, expected: u32, timeout: Duration);
+    /// [`wake_low_half`] on this word.
+    fn futex_wake(&self);
+    /// Moves the word (SeqCst increment) before a wake, so that a waiter whose
+    /// snapshot is older does not go to sleep after the wake was sent.
+    fn futex_bump(&self);
+    /// A SeqCst fence in the memory model these words live in.
+    fn seq_cst_fence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl FutexWord for AtomicU64 {
+    #[inline]
+    fn futex_wait(&self, expected: u32, timeout: Duration) {
+        wait_low_half(self, expected, timeout);
+    }
+
+    #[inline]
+    fn futex_wake(&self) {
+        wake_low_half(self);
+    }
+
+    #[inline]
+    fn futex_bump(&self) {
+        self.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Sleeps while `*word == expected`, for at most `timeout`. Returns on wake, on
 /// timeout, on a signal, or at once if the word already differs; callers re-check
 /// their condition in a loop.

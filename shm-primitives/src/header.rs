@@ -13,8 +13,8 @@ use crate::layout::{
 pub const HEADER_SIZE: usize = 256;
 /// `b"SHMHUB\0\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
-/// Current layout and protocol version (5: slot classes, broadcast pool, large
-/// payloads and message kinds).
+/// Current layout and protocol version (6: descriptor stamps, `shm.ring.produce`;
+/// space waits park on the ring's `space_bell`, `shm.wake.space`).
 pub const VERSION: u32 = 6;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
@@ -455,6 +455,7 @@ impl HostBell<'_> {
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
         self.0.host_parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Clears the parked mark, if set.
@@ -468,6 +469,8 @@ impl HostBell<'_> {
 impl crate::wait::Bell for HostBell<'_> {
     fn arm(&self) -> u32 {
         self.0.host_parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        // As every arm (`shm.wake.park`); the re-check's C1 loads are SeqCst as well.
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.0.host_bell.load(Ordering::SeqCst)
     }
 
@@ -477,5 +480,271 @@ impl crate::wait::Bell for HostBell<'_> {
 
     fn disarm(&self) {
         self.0.host_parked.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::region::{HeapRegion, ShmBacking};
+    use crate::segment::Segment;
+    use crate::wait::Bell;
+
+    fn segment(config: SegmentConfig) -> Segment {
+        let len = config.layout().unwrap().total_size as usize;
+        let heap = HeapRegion::new_zeroed(len).unwrap();
+        Segment::init(ShmBacking::Heap(Arc::new(heap)), config, [1, 2], 7).unwrap()
+    }
+
+    fn wakes() -> u64 {
+        crate::futex::WAKE_CALLS.with(|c| c.get())
+    }
+
+    // shm[verify shm.header.layout]
+    // shm[verify shm.header.segment-id]
+    // shm[verify shm.header.sections]
+    #[test]
+    fn a_created_header_validates_to_its_layout() {
+        let six = (0..MAX_CLASSES as u32)
+            .map(|i| SlotClass::new(64 << i, 2))
+            .collect::<Vec<_>>();
+        for config in [
+            SegmentConfig::default(),
+            SegmentConfig {
+                classes: SlotClasses::new(&six),
+                ..SegmentConfig::default()
+            },
+        ] {
+            let seg = segment(config);
+            let h = seg.header();
+            let total = config.layout().unwrap().total_size;
+            assert_eq!(h.validate(total), Ok(config.layout().unwrap()));
+            assert_eq!(h.validate(total + 4096), Ok(config.layout().unwrap()));
+            assert_eq!(
+                h.validate(total - 1),
+                Err(HeaderError::FileTooShort {
+                    file_len: total - 1,
+                    total_size: total
+                })
+            );
+            assert_eq!(h.segment_id(), [1, 2]);
+            assert_eq!(h.host_pid.load(Ordering::Relaxed), 7);
+        }
+    }
+
+    // Every field an attacher checks, spoiled one at a time, gives its own typed error.
+    // shm[verify shm.header.magic]
+    // shm[verify shm.header.version]
+    // shm[verify shm.header.features]
+    // shm[verify shm.header.sections]
+    #[test]
+    fn each_spoiled_field_is_refused_with_its_own_error() {
+        let config = SegmentConfig::default();
+        let total = config.layout().unwrap().total_size;
+        type Spoil = fn(&SegmentHeader);
+        let cases: [(Spoil, Result<(), HeaderError>); 12] = [
+            (
+                |h| h.magic.store(1, Ordering::Relaxed),
+                Err(HeaderError::BadMagic { found: 1 }),
+            ),
+            (
+                |h| h.version.store(VERSION - 1, Ordering::Relaxed),
+                Err(HeaderError::UnsupportedVersion { found: VERSION - 1 }),
+            ),
+            (
+                |h| h.header_size.store(128, Ordering::Relaxed),
+                Err(HeaderError::HeaderSize { found: 128 }),
+            ),
+            (
+                |h| h.incompat_features.store(4, Ordering::Relaxed),
+                Err(HeaderError::UnknownIncompatFeatures { unknown: 4 }),
+            ),
+            (|h| h.compat_features.store(4, Ordering::Relaxed), Ok(())),
+            (
+                |h| h.peer_table_offset.store(128, Ordering::Relaxed),
+                Err(HeaderError::SectionOutOfBounds {
+                    section: "peer_table",
+                    offset: 128,
+                    len: 16 * 64,
+                    total_size: 7_544_832,
+                }),
+            ),
+            (
+                |h| h.peer_table_offset.store(u64::MAX, Ordering::Relaxed),
+                Err(HeaderError::SectionOutOfBounds {
+                    section: "peer_table",
+                    offset: u64::MAX,
+                    len: 16 * 64,
+                    total_size: 7_544_832,
+                }),
+            ),
+            (
+                |h| {
+                    h.guest_areas_len.fetch_add(1, Ordering::Relaxed);
+                },
+                Err(HeaderError::SectionOutOfBounds {
+                    section: "guest_areas",
+                    offset: 532_480,
+                    len: 7_544_832 - 532_480 + 1,
+                    total_size: 7_544_832,
+                }),
+            ),
+            (
+                |h| h.class_count.store(0, Ordering::Relaxed),
+                Err(LayoutError::ClassCount(0).into()),
+            ),
+            (
+                |h| {
+                    h.class_count
+                        .store(MAX_CLASSES as u32 + 1, Ordering::Relaxed)
+                },
+                Err(LayoutError::ClassCount(MAX_CLASSES as u32 + 1).into()),
+            ),
+            (
+                |h| {
+                    h.guest_area_stride.fetch_add(4096, Ordering::Relaxed);
+                },
+                Err(HeaderError::LayoutMismatch {
+                    field: "guest_area_stride",
+                    found: 438_272 + 4096,
+                    expected: 438_272,
+                }),
+            ),
+            (
+                |h| {
+                    h.guest_areas_len.fetch_sub(4096, Ordering::Relaxed);
+                },
+                Err(HeaderError::LayoutMismatch {
+                    field: "guest_areas_len",
+                    found: 16 * 438_272 - 4096,
+                    expected: 16 * 438_272,
+                }),
+            ),
+        ];
+        for (i, (spoil, expected)) in cases.into_iter().enumerate() {
+            let seg = segment(config);
+            spoil(seg.header());
+            let got = seg.header().validate(total).map(|_| ());
+            assert_eq!(got, expected, "case {i}");
+        }
+        let seg = segment(config);
+        assert_eq!(seg.header().check_magic(), Ok(()));
+        seg.header().magic.store(0, Ordering::Relaxed);
+        assert_eq!(
+            seg.header().check_magic(),
+            Err(HeaderError::BadMagic { found: 0 })
+        );
+    }
+
+    // shm[verify shm.header.ready]
+    // shm[verify shm.attach.wait-ready]
+    #[test]
+    fn readiness_is_published_last_and_waited_for() {
+        let seg = segment(SegmentConfig::default());
+        let h = seg.header();
+        assert!(!h.is_ready());
+        assert!(!h.wait_ready(Instant::now()));
+        // A wait for an unpublished segment lasts until its deadline.
+        let start = Instant::now();
+        assert!(!h.wait_ready(start + Duration::from_millis(30)));
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        // Publishing with nobody asleep makes no system call; with a sleeper, one.
+        let before = wakes();
+        h.publish();
+        assert_eq!(wakes(), before);
+        assert!(h.is_ready());
+        assert!(h.wait_ready(Instant::now()));
+        h.ready.store(READY_BUILDING, Ordering::Relaxed);
+        h.ready_waiters.store(1, Ordering::Relaxed);
+        h.publish();
+        assert_eq!(wakes(), before + 1);
+
+        // An attacher waiting while the creator publishes wakes up ready.
+        let seg = segment(SegmentConfig::default());
+        let waiter = {
+            let seg = seg.clone();
+            std::thread::spawn(move || {
+                seg.header()
+                    .wait_ready(Instant::now() + Duration::from_secs(10))
+            })
+        };
+        while seg.header().ready_waiters.load(Ordering::SeqCst) == 0 && !waiter.is_finished() {
+            std::thread::yield_now();
+        }
+        seg.publish();
+        assert!(waiter.join().unwrap());
+    }
+
+    // A guest rings the host only when it is parked: on the futex (after moving the bell
+    // word), or on its doorbell; otherwise no system call at all.
+    // shm[verify shm.wake.host-bell]
+    // shm[verify shm.doorbell.ring]
+    #[test]
+    fn the_host_bell_rings_only_a_parked_host() {
+        let seg = segment(SegmentConfig::default());
+        let h = seg.header();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let before = wakes();
+        h.ring_host_bell(Some(ours.as_fd()));
+        assert_eq!((wakes(), h.host_bell.load(Ordering::Relaxed)), (before, 0));
+        assert!((&theirs).read(&mut byte).is_err(), "nothing written");
+
+        let bell = h.host_bell();
+        h.host_bell.store(41, Ordering::Relaxed);
+        assert_eq!(bell.arm(), 41);
+        assert_eq!(h.host_parked.load(Ordering::Relaxed), PARKED_FUTEX);
+        h.ring_host_bell(Some(ours.as_fd()));
+        assert_eq!(
+            (wakes(), h.host_bell.load(Ordering::Relaxed)),
+            (before + 1, 42)
+        );
+        assert!((&theirs).read(&mut byte).is_err(), "futex, not doorbell");
+        bell.disarm();
+        assert_eq!(h.host_parked.load(Ordering::Relaxed), 0);
+
+        bell.arm_doorbell();
+        assert_eq!(h.host_parked.load(Ordering::Relaxed), PARKED_DOORBELL);
+        h.ring_host_bell(Some(ours.as_fd()));
+        assert_eq!(
+            (wakes(), h.host_bell.load(Ordering::Relaxed)),
+            (before + 1, 42)
+        );
+        assert_eq!((&theirs).read(&mut byte).unwrap(), 1);
+        bell.disarm_doorbell();
+        assert_eq!(h.host_parked.load(Ordering::Relaxed), 0);
+        bell.disarm_doorbell();
+        assert_eq!(h.host_parked.load(Ordering::Relaxed), 0);
+
+        // The host sleeps on the bell while it holds the snapshot, not otherwise.
+        let start = Instant::now();
+        bell.sleep(41, Duration::from_secs(10));
+        assert!(start.elapsed() < Duration::from_secs(5), "the word moved");
+        let start = Instant::now();
+        bell.sleep(42, Duration::from_millis(30));
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    // shm[verify shm.live.host-close]
+    // shm[verify shm.live.heartbeat]
+    #[test]
+    fn close_and_heartbeat_read_back() {
+        let seg = segment(SegmentConfig::default());
+        let h = seg.header();
+        assert!(!h.is_closed());
+        h.close();
+        assert!(h.is_closed());
+        assert_eq!(h.heartbeat_interval_ms(), 0);
+        h.set_heartbeat_interval_ms(250);
+        assert_eq!(h.heartbeat_interval_ms(), 250);
+        h.beat();
+        h.beat();
+        assert_eq!(h.heartbeat(), 2);
     }
 }

@@ -484,6 +484,37 @@ mod tests {
         assert_eq!(to_host, [754_496, 771_200, 836_864]);
         assert_eq!(to_host[2] + l.pools[2].len, 968_064);
         assert_eq!(l.guest_area_offset(1), 970_752);
+        assert_eq!((l.peer_table_offset, l.peer_table_len), (256, 16 * 64));
+        assert_eq!(l.peer_offset(2), 256 + 2 * 64);
+        assert_eq!(l.config.max_slot_payload(), 128 * 1024);
+        assert_eq!(
+            format!("{:?}", SegmentConfig::default().with_slots(64, 2).classes),
+            "[SlotClass { size: 64, count: 2 }]"
+        );
+    }
+
+    // Each limit at its largest accepted value and one past it.
+    // shm[verify shm.layout.guest-area]
+    #[test]
+    fn limits_hold_at_their_boundaries() {
+        let base = SegmentConfig::default().with_slots(64, 1);
+        let ring = |ring_capacity| SegmentConfig {
+            ring_capacity,
+            ..base
+        };
+        assert_eq!(ring(1).layout(), Err(LayoutError::RingCapacity(1)));
+        assert!(ring(2).layout().is_ok());
+        assert!(ring(MAX_RING_CAPACITY).layout().is_ok());
+        let past = MAX_RING_CAPACITY * 2;
+        assert_eq!(ring(past).layout(), Err(LayoutError::RingCapacity(past)));
+        assert!(base.with_slots(64, MAX_SLOTS_PER_POOL).layout().is_ok());
+        assert_eq!(
+            base.with_slots(64, MAX_SLOTS_PER_POOL + 1).layout(),
+            Err(LayoutError::SlotsPerPool {
+                class: 0,
+                count: MAX_SLOTS_PER_POOL + 1
+            })
+        );
     }
 
     proptest::proptest! {

@@ -28,6 +28,9 @@ pub mod view;
 pub mod violation;
 pub mod wait;
 
+#[cfg(test)]
+mod models;
+
 pub use broadcast::{BroadcastPool, BroadcastRef, PeerSet};
 pub use channel::{ChannelSendError, Inbox, Incoming, Outbox, Payload, SlotLoan};
 pub use desc::{Meta, MsgKind, INLINE_CAPACITY};

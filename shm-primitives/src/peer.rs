@@ -4,6 +4,8 @@ use std::fmt;
 use std::num::NonZeroU8;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::freelist::Atom;
+
 /// Size of a peer entry (one cache line).
 pub const PEER_ENTRY_SIZE: usize = 64;
 
@@ -102,15 +104,18 @@ fn unpack(raw: u64) -> Result<PeerWord, InvalidPeerWord> {
 
 // shm[impl shm.peer.entry-layout]
 /// One peer table entry, exactly as the spec's table (`shm.peer.entry-layout`).
+///
+/// Generic over its atomics (defaulting to the segment's) only so that the loom model
+/// in `crate::models` runs these transitions over loom's atomics.
 #[repr(C)]
 #[derive(Debug)]
-pub struct PeerEntry {
+pub struct PeerEntry<W = AtomicU64, P = AtomicU32> {
     /// `generation << 32 | state`; every transition is a CAS on this word.
-    pub state_word: AtomicU64,
+    pub state_word: W,
     /// The attached guest's process id (informational).
-    pub guest_pid: AtomicU32,
+    pub guest_pid: P,
     /// Why the host fenced this guest (0 = not fenced); see `Violation::code`.
-    pub fault: AtomicU32,
+    pub fault: P,
     /// Reserved, zero.
     pub _reserved: [AtomicU64; 6],
 }
@@ -124,7 +129,7 @@ const _: () = {
     assert!(offset_of!(PeerEntry, _reserved) == 16);
 };
 
-impl PeerEntry {
+impl<W: Atom<V = u64>, P: Atom<V = u32>> PeerEntry<W, P> {
     /// Acquire-loads and decodes the state word.
     pub fn load(&self) -> Result<PeerWord, InvalidPeerWord> {
         unpack(self.state_word.load(Ordering::Acquire))
@@ -137,7 +142,7 @@ impl PeerEntry {
 
     fn transition(&self, from: PeerWord, to: PeerWord) -> bool {
         self.state_word
-            .compare_exchange(
+            .cas(
                 pack(from.state, from.generation),
                 pack(to.state, to.generation),
                 Ordering::AcqRel,
@@ -274,5 +279,112 @@ impl PeerEntry {
         self.fault.store(fault, Ordering::Relaxed);
         self.state_word
             .store(pack(PeerState::Goodbye, generation), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(raw: u64) -> PeerEntry {
+        PeerEntry {
+            state_word: AtomicU64::new(raw),
+            guest_pid: AtomicU32::new(0),
+            fault: AtomicU32::new(0),
+            _reserved: Default::default(),
+        }
+    }
+
+    fn w(state: PeerState, generation: u32) -> PeerWord {
+        PeerWord { state, generation }
+    }
+
+    // shm[verify shm.topology.peer-id]
+    #[test]
+    fn peer_ids_are_1_to_255_and_say_so() {
+        assert_eq!(PeerId::new(0), None);
+        assert_eq!(PeerId::from_index(254).map(PeerId::get), Some(255));
+        assert_eq!(PeerId::from_index(255), None);
+        let id = PeerId::new(3).unwrap();
+        assert_eq!((id.get(), id.index()), (3, 2));
+        assert_eq!(id.to_string(), "peer 3");
+    }
+
+    // shm[verify shm.peer.states]
+    #[test]
+    fn every_state_and_generation_round_trips_and_other_words_hold_none() {
+        let states = [
+            PeerState::Empty,
+            PeerState::Reserved,
+            PeerState::Attached,
+            PeerState::Goodbye,
+        ];
+        for (raw, state) in states.into_iter().enumerate() {
+            let e = entry((0xdead_beef << 32) | raw as u64);
+            assert_eq!(e.load(), Ok(w(state, 0xdead_beef)));
+            assert_eq!(pack(state, 0xdead_beef), (0xdead_beef << 32) | raw as u64);
+        }
+        let bad = (7 << 32) | 4;
+        assert_eq!(entry(bad).load(), Err(InvalidPeerWord { raw: bad }));
+        assert_eq!(
+            entry(bad).try_claim(PeerState::Empty, None, 1),
+            Err(None),
+            "no state: not claimable"
+        );
+        assert_eq!(entry(bad).try_reserve(), None);
+        assert!(!entry(bad).release_reservation());
+    }
+
+    // Each host transition moves exactly the word it names, bumps the generation exactly
+    // when the entry goes back to Empty (or a reservation is renewed), and refuses any
+    // other word, changing nothing.
+    // shm[verify shm.peer.reserve]
+    // shm[verify shm.peer.release-reservation]
+    // shm[verify shm.peer.attach-reserved]
+    // shm[verify shm.untrusted.fence]
+    #[test]
+    fn transitions_move_only_the_exact_word() {
+        let e = entry(pack(PeerState::Empty, 5));
+        assert!(!e.cas(w(PeerState::Empty, 4), w(PeerState::Reserved, 4)));
+        assert!(e.cas(w(PeerState::Empty, 5), w(PeerState::Empty, 5)));
+        assert_eq!(e.try_reserve(), Some(5));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 5)));
+        assert_eq!(e.try_reserve(), None, "only Empty is reserved");
+        assert!(e.release_reservation());
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 6)));
+        assert!(!e.release_reservation(), "only Reserved is released");
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 6)));
+
+        // A retained entry: Goodbye(g) -> Reserved(g+1), pid cleared.
+        e.state_word
+            .store(pack(PeerState::Goodbye, 6), Ordering::Relaxed);
+        e.guest_pid.store(42, Ordering::Relaxed);
+        assert!(!e.retain(5));
+        assert!(e.retain(6));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 7)));
+        assert_eq!(e.guest_pid.load(Ordering::Relaxed), 0);
+        assert!(!e.retain(6), "only Goodbye is retained");
+        assert!(!e.renew_reservation(6));
+        assert!(e.renew_reservation(7));
+        assert_eq!(e.load(), Ok(w(PeerState::Reserved, 8)));
+
+        // A ticket claims only its own incarnation, and records the guest.
+        e.fault.store(3, Ordering::Relaxed);
+        let stale = e.try_claim(PeerState::Reserved, Some(7), 9);
+        assert_eq!(stale, Err(Some(w(PeerState::Reserved, 8))));
+        assert_eq!(e.try_claim(PeerState::Empty, None, 9), stale);
+        assert_eq!(e.try_claim(PeerState::Reserved, Some(8), 9), Ok(8));
+        assert_eq!(e.load(), Ok(w(PeerState::Attached, 8)));
+        assert_eq!(e.guest_pid.load(Ordering::Relaxed), 9);
+        assert_eq!(e.fault.load(Ordering::Relaxed), 0);
+
+        // The fence overrides any word, even one holding no state.
+        e.state_word.store(u64::MAX, Ordering::Relaxed);
+        e.fence(8, 11);
+        assert_eq!(e.load(), Ok(w(PeerState::Goodbye, 8)));
+        assert_eq!(e.fault.load(Ordering::Relaxed), 11);
+        assert!(!e.goodbye(8), "a fenced guest's goodbye fails");
+        assert!(e.recycle(8));
+        assert_eq!(e.load(), Ok(w(PeerState::Empty, 9)));
     }
 }

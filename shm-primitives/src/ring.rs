@@ -4,6 +4,10 @@
 //! shared header; the other side's counter is the only shared index it *loads*, and it
 //! is validated before use (`shm.ring.validate`). Counters are monotonic u64 that wrap;
 //! the depth is `tail.wrapping_sub(head)`.
+//!
+//! The ring types are generic over their atomics (defaulting to the segment's
+//! `AtomicU64`/`AtomicU32`) only so that the loom models (`crate::models`) run this
+//! very code over loom's atomics; products never name the parameters.
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -12,6 +16,8 @@ use std::time::Duration;
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
 
 use crate::desc::{DecodeError, Descriptor, DESC_WORDS};
+use crate::freelist::Atom;
+use crate::futex::FutexWord;
 use crate::violation::Violation;
 
 /// Size of a ring header: the producer's line then the consumer's line.
@@ -19,31 +25,37 @@ pub const RING_HEADER_SIZE: usize = 128;
 
 // shm[impl shm.ring.layout]
 /// A ring header exactly as the spec's table (`shm.ring.layout`): `tail` alone on the
-/// producer's cache line, `head` alone on the consumer's.
+/// producer's cache line, `head` alone on the consumer's. `C` is the counters' atomic
+/// type and `F` the parked flags' (see the module docs).
 #[repr(C)]
 #[derive(Debug)]
-pub struct RingHeader {
+pub struct RingHeader<C = AtomicU64, F = AtomicU32> {
     /// Producer counter: descriptors published so far. Its low 32 bits are the futex
     /// word a consumer waiting for data sleeps on.
-    pub tail: AtomicU64,
+    pub tail: C,
     /// Nonzero while the consumer is parked waiting for data: 1 on the futex, 2 on its
     /// doorbell (`shm.doorbell.ring`). Written by the consumer (only when it parks),
     /// read by the producer after every publish: so it lives on the producer's line.
-    pub consumer_parked: AtomicU32,
+    pub consumer_parked: F,
     /// Reserved, zero.
     pub _producer_pad: AtomicU32,
     /// Reserved (producer line), zero.
     pub _producer_reserved: [AtomicU64; 6],
     /// Consumer counter: descriptors consumed so far. Its low 32 bits are the futex
     /// word a producer waiting for space sleeps on.
-    pub head: AtomicU64,
+    pub head: C,
     /// Nonzero while the producer is parked waiting for ring space or a free slot (1:
     /// futex, 2: doorbell); on the consumer's line, which reads it after every receive.
-    pub producer_parked: AtomicU32,
+    pub producer_parked: F,
     /// Reserved, zero.
     pub _consumer_pad: AtomicU32,
+    /// The futex word of a producer parked for space or a slot (`shm.wake.space`):
+    /// the consumer increments it before waking that producer. Not `head`, because a
+    /// freed slot does not move `head`: a wake sent between the producer's re-check and
+    /// its sleep would find nobody asleep, and the sleep would find `head` unchanged.
+    pub space_bell: C,
     /// Reserved (consumer line), zero.
-    pub _consumer_reserved: [AtomicU64; 6],
+    pub _consumer_reserved: [AtomicU64; 5],
 }
 
 const _: () = {
@@ -53,22 +65,31 @@ const _: () = {
     assert!(offset_of!(RingHeader, consumer_parked) == 8);
     assert!(offset_of!(RingHeader, head) == 64);
     assert!(offset_of!(RingHeader, producer_parked) == 72);
+    assert!(offset_of!(RingHeader, space_bell) == 80);
 };
 
 /// A ring in shared memory: its header and `capacity` descriptors.
-#[derive(Debug, Clone, Copy)]
-pub struct RingView<'a> {
-    header: &'a RingHeader,
-    descs: &'a [AtomicU64],
+#[derive(Debug)]
+pub struct RingView<'a, C = AtomicU64, F = AtomicU32> {
+    header: &'a RingHeader<C, F>,
+    descs: &'a [C],
     capacity: u32,
 }
 
-impl<'a> RingView<'a> {
+impl<C, F> Clone for RingView<'_, C, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C, F> Copy for RingView<'_, C, F> {}
+
+impl<'a, C: FutexWord, F: Atom<V = u32>> RingView<'a, C, F> {
     /// A view over a header and its descriptor words.
     ///
     /// Panics if `capacity` is not a power of two or `descs` does not hold exactly
     /// `capacity` descriptors; both come from a validated layout, never from peers.
-    pub fn new(header: &'a RingHeader, descs: &'a [AtomicU64], capacity: u32) -> Self {
+    pub fn new(header: &'a RingHeader<C, F>, descs: &'a [C], capacity: u32) -> Self {
         assert!(capacity.is_power_of_two());
         assert_eq!(descs.len(), capacity as usize * DESC_WORDS);
         Self {
@@ -83,7 +104,7 @@ impl<'a> RingView<'a> {
         self.capacity
     }
 
-    fn slot(&self, pos: u64) -> &'a [AtomicU64] {
+    fn slot(&self, pos: u64) -> &'a [C] {
         let i = (pos & u64::from(self.capacity - 1)) as usize * DESC_WORDS;
         &self.descs[i..i + DESC_WORDS]
     }
@@ -144,8 +165,20 @@ impl<'a> RingView<'a> {
     pub fn wake_producer(&self, bell: Option<BorrowedFd<'_>>) {
         let parked = self.header.producer_parked.load(Ordering::SeqCst);
         if parked != 0 {
-            wake(parked, &self.header.head, bell);
+            wake_space(parked, &self.header.space_bell, bell);
         }
+    }
+
+    /// Receiver, after freeing a slot: [`wake_producer`](Self::wake_producer) behind a
+    /// SeqCst fence. A free is no SeqCst store, so the SeqCst pairs of
+    /// `shm.wake.park` do not order it; the fence pairs with the one a parking producer
+    /// issues after arming (`CounterBell::arm`): either the producer's re-check sees
+    /// the free, or this load sees the producer's flag (`shm.wake.space`).
+    // shm[impl shm.wake.space]
+    #[inline]
+    pub fn wake_producer_after_free(&self, bell: Option<BorrowedFd<'_>>) {
+        C::seq_cst_fence();
+        self.wake_producer(bell);
     }
 
     /// Whether the consumer waits on its doorbell (a producer that had no doorbell to
@@ -163,12 +196,12 @@ impl<'a> RingView<'a> {
     /// it closes the segment, so parked guests re-check at once.
     // shm[impl shm.live.host-close]
     pub fn wake_waiters(&self) {
-        crate::futex::wake_low_half(&self.header.tail);
-        crate::futex::wake_low_half(&self.header.head);
+        self.header.tail.futex_wake();
+        self.header.space_bell.futex_wake();
     }
 
     /// The bell a consumer parks on while the ring is empty.
-    pub fn data_bell(&self) -> CounterBell<'a> {
+    pub fn data_bell(&self) -> CounterBell<'a, C, F> {
         CounterBell {
             counter: &self.header.tail,
             parked: &self.header.consumer_parked,
@@ -176,9 +209,9 @@ impl<'a> RingView<'a> {
     }
 
     /// The bell a producer parks on while the ring is full or its pool is empty.
-    pub fn space_bell(&self) -> CounterBell<'a> {
+    pub fn space_bell(&self) -> CounterBell<'a, C, F> {
         CounterBell {
-            counter: &self.header.head,
+            counter: &self.header.space_bell,
             parked: &self.header.producer_parked,
         }
     }
@@ -200,12 +233,22 @@ impl<'a> RingView<'a> {
 /// The slow half of a wake, out of line: futex or doorbell, by the parked value.
 #[cold]
 #[inline(never)]
-fn wake(parked: u32, counter: &AtomicU64, bell: Option<BorrowedFd<'_>>) {
+fn wake(parked: u32, counter: &impl FutexWord, bell: Option<BorrowedFd<'_>>) {
     match (parked, bell) {
         (PARKED_DOORBELL, Some(fd)) => crate::doorbell::ring(fd),
         (PARKED_DOORBELL, None) => {}
-        _ => crate::futex::wake_low_half(counter),
+        _ => counter.futex_wake(),
     }
+}
+
+/// [`wake`] for a producer: a futex sleeper's word is moved first.
+#[cold]
+#[inline(never)]
+fn wake_space(parked: u32, space_bell: &impl FutexWord, bell: Option<BorrowedFd<'_>>) {
+    if parked != PARKED_DOORBELL {
+        space_bell.futex_bump();
+    }
+    wake(parked, space_bell, bell);
 }
 
 fn decode_violation(e: DecodeError) -> Violation {
@@ -276,13 +319,18 @@ impl Producer {
     /// Whether one more descriptor fits, refreshing the cached consumer counter only
     /// when the cache says the ring is full.
     // shm[impl shm.ring.full]
-    pub fn has_space(&mut self, ring: &RingView<'_>) -> Result<bool, Violation> {
+    pub fn has_space<C: FutexWord, F: Atom<V = u32>>(
+        &mut self,
+        ring: &RingView<'_, C, F>,
+    ) -> Result<bool, Violation> {
         if self.tail.wrapping_sub(self.head_cache) < u64::from(ring.capacity) {
             return Ok(true);
         }
-        // (P1) Acquire-load head: the consumer's reads of the entries it released
-        // happen before we overwrite them.
-        let head = ring.header.head.load(Ordering::Acquire);
+        // (P1) Load head: Acquire, so the consumer's reads of the entries it released
+        // happen before we overwrite them; SeqCst, so that a producer re-checking after
+        // arming its parked flag either sees the consumer's C3 or is seen by its C4
+        // (`shm.wake.park`).
+        let head = ring.header.head.load(Ordering::SeqCst);
         let depth = check_distance(head, self.tail, ring.capacity)?;
         self.head_cache = head;
         Ok(depth < ring.capacity)
@@ -290,9 +338,9 @@ impl Producer {
 
     /// Publishes `desc` (its `seq` is set to the position it lands at).
     // shm[impl shm.ring.produce]
-    pub fn push(
+    pub fn push<C: FutexWord, F: Atom<V = u32>>(
         &mut self,
-        ring: &RingView<'_>,
+        ring: &RingView<'_, C, F>,
         mut desc: Descriptor,
         bell: Option<BorrowedFd<'_>>,
     ) -> Result<(), PushError> {
@@ -336,7 +384,9 @@ impl Consumer {
     /// A consumer that starts where the ring's shared consumer counter is: a guest
     /// resuming a ring whose earlier consumer died (`shm.delivery.at-least-once`).
     /// The counters are validated like any others.
-    pub fn resume(ring: &RingView<'_>) -> Result<Self, Violation> {
+    pub fn resume<C: FutexWord, F: Atom<V = u32>>(
+        ring: &RingView<'_, C, F>,
+    ) -> Result<Self, Violation> {
         let head = ring.header.head.load(Ordering::Acquire);
         let tail = ring.header.tail.load(Ordering::Acquire);
         check_distance(head, tail, ring.capacity)?;
@@ -348,14 +398,19 @@ impl Consumer {
     /// loaded only when the stamp says the entry is not published.
     // shm[impl shm.ring.consume]
     // shm[impl shm.ring.validate]
-    pub fn peek(&mut self, ring: &RingView<'_>) -> Result<Option<Descriptor>, Violation> {
+    pub fn peek<C: FutexWord, F: Atom<V = u32>>(
+        &mut self,
+        ring: &RingView<'_, C, F>,
+    ) -> Result<Option<Descriptor>, Violation> {
         let entry = ring.slot(self.head);
         // (C1) Acquire-load the entry's stamp: it pairs with the producer's Release
         // store of it (P2), so one cache line tells us whether the entry is ours.
         let mut stamp = entry[0].load(Ordering::Acquire);
         if !stamps(stamp, self.head) {
             // Not (yet) published, as far as this line says: the tail decides.
-            let tail = ring.header.tail.load(Ordering::Acquire);
+            // SeqCst, so that a consumer re-checking after arming its parked flag
+            // either sees P3 or is seen by P4 (`shm.wake.park`).
+            let tail = ring.header.tail.load(Ordering::SeqCst);
             if consumer_depth(self.head, tail, ring.capacity)? == 0 {
                 return Ok(None);
             }
@@ -383,7 +438,10 @@ impl Consumer {
     /// Descriptors published but not consumed, from the validated shared tail.
     /// An entry whose stamp is published but whose tail store never came (its
     /// producer died between P2 and P3) counts: it is published.
-    pub fn pending(&mut self, ring: &RingView<'_>) -> Result<u32, Violation> {
+    pub fn pending<C: FutexWord, F: Atom<V = u32>>(
+        &mut self,
+        ring: &RingView<'_, C, F>,
+    ) -> Result<u32, Violation> {
         let tail = ring.header.tail.load(Ordering::Acquire);
         let depth = consumer_depth(self.head, tail, ring.capacity)?;
         if tail.wrapping_add(1) == self.head || depth == ring.capacity {
@@ -395,7 +453,7 @@ impl Consumer {
 
     /// Consumes the descriptor last returned by `peek`.
     // shm[impl shm.ring.consume]
-    pub fn advance(&mut self, ring: &RingView<'_>) {
+    pub fn advance<C: FutexWord, F: Atom<V = u32>>(&mut self, ring: &RingView<'_, C, F>) {
         // (C3) Store head: Release so our reads of the entry happen before the
         // producer reuses it (pairs with P1); SeqCst orders it before C4's flag load.
         self.head = self.head.wrapping_add(1);
@@ -405,13 +463,21 @@ impl Consumer {
 
 /// A counter one side advances and the other side can sleep on: the snapshot, the
 /// parked flag and the futex word of one wait (`shm.wake.park`).
-#[derive(Debug, Clone, Copy)]
-pub struct CounterBell<'a> {
-    counter: &'a AtomicU64,
-    parked: &'a AtomicU32,
+#[derive(Debug)]
+pub struct CounterBell<'a, C = AtomicU64, F = AtomicU32> {
+    counter: &'a C,
+    parked: &'a F,
 }
 
-impl CounterBell<'_> {
+impl<C, F> Clone for CounterBell<'_, C, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C, F> Copy for CounterBell<'_, C, F> {}
+
+impl<C: FutexWord, F: Atom<V = u32>> CounterBell<'_, C, F> {
     /// Marks the waiter parked on its doorbell (SeqCst, like [`Bell::arm`]: the
     /// caller re-checks its condition after this, then waits on the doorbell).
     ///
@@ -419,6 +485,8 @@ impl CounterBell<'_> {
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
         self.parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        // As in `arm`: orders the flag before the re-check's loads of a slot.
+        C::seq_cst_fence();
     }
 
     /// Clears the parked mark, if set (no store otherwise: the flag shares the other
@@ -430,14 +498,18 @@ impl CounterBell<'_> {
     }
 }
 
-impl crate::wait::Bell for CounterBell<'_> {
+impl<C: FutexWord, F: Atom<V = u32>> crate::wait::Bell for CounterBell<'_, C, F> {
     fn arm(&self) -> u32 {
         self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        // Orders the flag before every load of the re-check, including those of a
+        // slot's word and free list, which no SeqCst store of the other side publishes:
+        // pairs with the receiver's fence after a free (`wake_producer_after_free`).
+        C::seq_cst_fence();
         self.counter.load(Ordering::SeqCst) as u32
     }
 
     fn sleep(&self, snapshot: u32, timeout: Duration) {
-        crate::futex::wait_low_half(self.counter, snapshot, timeout);
+        self.counter.futex_wait(snapshot, timeout);
     }
 
     fn disarm(&self) {

@@ -361,6 +361,7 @@ mod tests {
         assert_eq!(offset_of!(R, consumer_parked), 8);
         assert_eq!(offset_of!(R, head), 64);
         assert_eq!(offset_of!(R, producer_parked), 72);
+        assert_eq!(offset_of!(R, space_bell), 80);
         assert_eq!(size_of::<R>(), 128);
         assert_eq!(crate::slot::SLOT_META_SIZE, 16);
         assert_eq!(offset_of!(crate::slot::PoolHeader, free_head), 0);

@@ -6,11 +6,14 @@
 //! every transition is a CAS on the whole word, so a stale or duplicated reference can
 //! never free a slot twice. The free list (`crate::freelist`) only says where a Free
 //! slot may be found; a slot it names that is not Free is skipped.
+//!
+//! The pool types are generic over their atomics (defaulting to the segment's) only so
+//! that the loom models in `crate::models` run this very code over loom's atomics.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::freelist::{FreeList, FreeListError};
+use crate::freelist::{Atom, FreeList, FreeListError};
 use crate::region::Region;
 use crate::violation::Violation;
 
@@ -22,9 +25,9 @@ pub const OWNER_HOST: u32 = 0;
 /// The 64-byte header at the start of every pool (`shm.slot.layout`).
 #[repr(C)]
 #[derive(Debug)]
-pub struct PoolHeader {
+pub struct PoolHeader<W = AtomicU64> {
     /// Free-list head: tag (high 32 bits), index + 1 (low 32 bits, 0 = empty).
-    pub free_head: AtomicU64,
+    pub free_head: W,
     /// Reserved, zero.
     pub _reserved: [AtomicU64; 7],
 }
@@ -67,16 +70,26 @@ pub fn owner_word(peer_id: u8, generation: u32) -> u32 {
 }
 
 /// One pool in shared memory: the slots of one class, for one direction of one guest.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolView<'a> {
-    header: &'a PoolHeader,
-    words: &'a [AtomicU64],
-    links: &'a [AtomicU32],
-    owners: &'a [AtomicU32],
+/// `W` is the 64-bit atomic type of its state words and free-list head, `L` the
+/// 32-bit one of its links and owners.
+#[derive(Debug)]
+pub struct PoolView<'a, W = AtomicU64, L = AtomicU32> {
+    header: &'a PoolHeader<W>,
+    words: &'a [W],
+    links: &'a [L],
+    owners: &'a [L],
     region: Region<'a>,
     data_offset: usize,
     slot_size: u32,
 }
+
+impl<W, L> Clone for PoolView<'_, W, L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W, L> Copy for PoolView<'_, W, L> {}
 
 /// Slot counts by state, for accounting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,17 +107,17 @@ impl std::ops::AddAssign for PoolUsage {
     }
 }
 
-impl<'a> PoolView<'a> {
+impl<'a, W: Atom<V = u64>, L: Atom<V = u32>> PoolView<'a, W, L> {
     /// A view over a pool's header, its metadata arrays (`words`, `links` and
     /// `owners`, one entry per slot) and `words.len()` slots of `slot_size` bytes at
     /// `data_offset` in `region`. Panics if the arrays disagree in length or the data
     /// does not fit in the region: the arguments come from a validated layout, never
     /// from peers.
     pub fn new(
-        header: &'a PoolHeader,
-        words: &'a [AtomicU64],
-        links: &'a [AtomicU32],
-        owners: &'a [AtomicU32],
+        header: &'a PoolHeader<W>,
+        words: &'a [W],
+        links: &'a [L],
+        owners: &'a [L],
         region: Region<'a>,
         data_offset: usize,
         slot_size: u32,
@@ -133,7 +146,7 @@ impl<'a> PoolView<'a> {
         self.slot_size
     }
 
-    fn free_list(&self) -> FreeList<'a, AtomicU64, AtomicU32> {
+    fn free_list(&self) -> FreeList<'a, W, L> {
         FreeList::new(&self.header.free_head, self.links)
     }
 
@@ -147,7 +160,7 @@ impl<'a> PoolView<'a> {
         let generation = ((raw >> 32) as u32).wrapping_add(1);
         // Acquire: the receiver's reads of the slot's previous payload happen before
         // our writes of the new one.
-        meta.compare_exchange(
+        meta.cas(
             raw,
             pack(SlotState::Loaned, generation),
             Ordering::Acquire,
@@ -200,7 +213,7 @@ impl<'a> PoolView<'a> {
         ord: Ordering,
     ) -> Result<(), u64> {
         self.words[index as usize]
-            .compare_exchange(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
+            .cas(pack(from, gen), pack(to, gen), ord, Ordering::Relaxed)
             .map(|_| ())
     }
 
@@ -255,7 +268,7 @@ impl<'a> PoolView<'a> {
         // Acquire: pairs with the sender's Release in mark_sent, so the payload is
         // visible.
         self.words[index as usize]
-            .compare_exchange(
+            .cas(
                 pack(SlotState::Sent, generation),
                 pack(SlotState::Received, generation),
                 Ordering::Acquire,
@@ -362,7 +375,7 @@ impl<'a> PoolView<'a> {
         };
         let sent = pack(SlotState::Sent, generation);
         let received = pack(SlotState::Received, generation);
-        match word.compare_exchange(received, sent, Ordering::AcqRel, Ordering::Acquire) {
+        match word.cas(received, sent, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => true,
             Err(found) => found == sent,
         }
@@ -380,5 +393,185 @@ fn free_list_violation(e: FreeListError) -> Violation {
             FreeListError::OutOfRange(v) => v,
             FreeListError::Contended => u32::MAX,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::HeapRegion;
+
+    const SIZE: u32 = 16;
+
+    /// A pool of `n` slots whose data sits at offset 64 of a region with room to spare
+    /// after the last slot (so that an index one past the pool would still be mapped).
+    struct Pool {
+        header: PoolHeader,
+        words: Vec<AtomicU64>,
+        links: Vec<AtomicU32>,
+        owners: Vec<AtomicU32>,
+        data: HeapRegion,
+    }
+
+    impl Pool {
+        fn new(n: usize) -> Self {
+            Pool {
+                header: PoolHeader {
+                    free_head: AtomicU64::new(0),
+                    _reserved: Default::default(),
+                },
+                words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                links: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                owners: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                data: HeapRegion::new_zeroed(64 + (n + 2) * SIZE as usize).unwrap(),
+            }
+        }
+
+        fn view(&self) -> PoolView<'_> {
+            let region = self.data.region();
+            PoolView::new(
+                &self.header,
+                &self.words,
+                &self.links,
+                &self.owners,
+                region,
+                64,
+                SIZE,
+            )
+        }
+
+        fn set(&self, index: usize, state: u64, generation: u32) {
+            self.words[index].store(u64::from(generation) << 32 | state, Ordering::Relaxed);
+        }
+    }
+
+    // shm[verify shm.slot.layout]
+    #[test]
+    fn every_state_reads_back_and_other_words_hold_none() {
+        let pool = Pool::new(5);
+        for (raw, state) in [
+            SlotState::Free,
+            SlotState::Loaned,
+            SlotState::Sent,
+            SlotState::Received,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            pool.set(raw, raw as u64, 9);
+            assert_eq!(pool.view().state(raw as u32), Some(state));
+            assert_eq!(pack(state, 9), 9 << 32 | raw as u64);
+        }
+        pool.set(4, 4, 9);
+        assert_eq!(pool.view().state(4), None);
+        assert_eq!(pool.view().state(5), None, "out of range");
+        assert_eq!(
+            pool.view().usage(),
+            PoolUsage { free: 1, in_use: 4 },
+            "a word with no state is not Free"
+        );
+        let mut total = pool.view().usage();
+        total += pool.view().usage();
+        assert_eq!(total, PoolUsage { free: 2, in_use: 8 });
+        assert_eq!(owner_word(3, 0x0012_3456), 0x1234_5603);
+    }
+
+    // A sender that could not publish returns its slot from Sent or Loaned (only with
+    // the generation it holds), and the slot is listed for the next allocation.
+    // shm[verify shm.slot.free]
+    #[test]
+    fn unloan_returns_the_slot_and_lists_it() {
+        let pool = Pool::new(2);
+        let view = pool.view();
+        let mut fresh = 0;
+        let (a, ga) = view.alloc(&mut fresh, 0).unwrap().unwrap();
+        view.mark_sent(a, ga).unwrap();
+        view.unloan(a, ga + 1);
+        assert_eq!(view.state(a), Some(SlotState::Sent), "not its generation");
+        view.unloan(a, ga);
+        assert_eq!(view.state(a), Some(SlotState::Free));
+        let (b, gb) = view.alloc(&mut fresh, 0).unwrap().unwrap();
+        assert_eq!((b, gb), (a, ga + 1), "taken from the list, not the scan");
+        view.unloan(b, gb);
+        assert_eq!(view.state(b), Some(SlotState::Free), "from Loaned too");
+        assert_eq!(view.alloc(&mut fresh, 0).unwrap(), Some((a, ga + 2)));
+    }
+
+    // shm[verify shm.slot.layout]
+    #[test]
+    fn slot_data_is_reached_only_inside_the_pool() {
+        let pool = Pool::new(2);
+        let view = pool.view();
+        let base = pool.data.region().as_ptr() as usize;
+        assert_eq!(
+            view.data_ptr(1).map(|p| p.as_ptr() as usize),
+            Some(base + 64 + SIZE as usize)
+        );
+        assert_eq!(view.data_ptr(2), None);
+        assert!(view.write(1, &[7; SIZE as usize]));
+        assert!(
+            !view.write(1, &[7; SIZE as usize + 1]),
+            "longer than a slot"
+        );
+        assert!(!view.write(2, &[7]), "past the pool");
+        let mut out = Vec::new();
+        assert!(view.read_to_vec(1, SIZE, &mut out));
+        assert_eq!(out, [7; SIZE as usize]);
+        assert!(!view.read_to_vec(1, SIZE + 1, &mut out));
+        assert!(!view.read_to_vec(2, 1, &mut out), "past the pool");
+    }
+
+    // Reclaim returns every slot that is not Free and not kept, keeping its generation
+    // (a word holding no state included), counts them, and empties the list.
+    // shm[verify shm.slot.reclaim]
+    #[test]
+    fn reclaim_frees_all_but_free_and_kept_slots_keeping_generations() {
+        let pool = Pool::new(5);
+        pool.set(0, SlotState::Free as u64, 3);
+        pool.set(1, SlotState::Loaned as u64, 4);
+        pool.set(2, SlotState::Sent as u64, 5);
+        pool.set(3, SlotState::Received as u64, 6);
+        pool.set(4, 9, 7);
+        let view = pool.view();
+        view.free_list().push(0).unwrap();
+        let reclaimed = view.reclaim_all(|s| s == SlotState::Received);
+        assert_eq!(reclaimed, 3);
+        let words: Vec<u64> = pool
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(
+            words,
+            [
+                pack(SlotState::Free, 3),
+                pack(SlotState::Free, 4),
+                pack(SlotState::Free, 5),
+                pack(SlotState::Received, 6),
+                pack(SlotState::Free, 7),
+            ]
+        );
+        assert_eq!(view.free_list().pop(), Ok(None), "the list is emptied");
+        assert_eq!(view.reclaim_where(|index, _| index == 3), 0);
+        assert_eq!(view.reclaim_all(|_| false), 1);
+    }
+
+    // At-least-once: a slot the dead guest claimed goes back to Sent for the next one;
+    // a slot already Sent stays; anything else is refused.
+    // shm[verify shm.delivery.at-least-once]
+    #[test]
+    fn restore_sent_takes_back_only_the_named_generation() {
+        let pool = Pool::new(3);
+        pool.set(0, SlotState::Received as u64, 4);
+        pool.set(1, SlotState::Sent as u64, 4);
+        pool.set(2, SlotState::Free as u64, 4);
+        let view = pool.view();
+        assert!(!view.restore_sent(0, 5), "another generation");
+        assert!(view.restore_sent(0, 4));
+        assert_eq!(view.state(0), Some(SlotState::Sent));
+        assert!(view.restore_sent(1, 4));
+        assert!(!view.restore_sent(2, 4));
+        assert!(!view.restore_sent(3, 4), "out of range");
+        assert_eq!(view.state(2), Some(SlotState::Free));
     }
 }

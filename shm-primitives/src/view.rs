@@ -275,7 +275,7 @@ impl Drop for SlotView {
             let _ = pool.release(self.index, self.generation);
         }
         if let Some(ring) = self.segment.ring(self.peer, self.dir) {
-            ring.wake_producer(self.bell.as_ref().map(|b| b.as_fd()));
+            ring.wake_producer_after_free(self.bell.as_ref().map(|b| b.as_fd()));
         }
         if let Some(live) = &self.live {
             live.fetch_sub(1, Ordering::Release);
@@ -365,5 +365,127 @@ impl SlotBytes {
         // SAFETY: `capacity` bytes from `ptr` are mapped while the loan lives; the
         // caller vouches that no other process accesses them meanwhile.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::SegmentConfig;
+    use crate::region::{HeapRegion, ShmBacking};
+    use crate::slot::SlotState;
+    use crate::{Inbox, Outbox};
+
+    fn segment() -> Segment {
+        let config = SegmentConfig::default().with_slots(64, 2);
+        let len = config.layout().unwrap().total_size as usize;
+        let heap = HeapRegion::new_zeroed(len).unwrap();
+        let seg = Segment::init(ShmBacking::Heap(Arc::new(heap)), config, [1, 2], 7).unwrap();
+        seg.publish();
+        seg
+    }
+
+    const PEER: u8 = 1;
+
+    /// Sends `payload` to the host and takes it as a message, its views counted in `live`.
+    fn round_trip(seg: &Segment, payload: &[u8], live: &Arc<AtomicU32>) -> Message {
+        let peer = PeerId::new(PEER).unwrap();
+        let ring = seg.ring(peer, Direction::ToHost).unwrap();
+        let pools = seg.pools(peer, Direction::ToHost).unwrap();
+        let meta = Meta::new(3, 0x0123_4567);
+        Outbox::new(1)
+            .send(&ring, &pools, meta, payload, None)
+            .unwrap();
+        let got = Inbox::new(0).take(&ring, &pools, None).unwrap().unwrap();
+        let dir = Direction::ToHost;
+        Message::new(seg, peer, dir, got.meta, got.payload, None, Some(live)).unwrap()
+    }
+
+    // A message reads back its header and payload, by copy or typed read; a slot message
+    // is read in place and frees its slot (and its count of live views) when dropped.
+    // shm[verify shm.slot.view]
+    #[test]
+    fn messages_read_back_and_a_slot_view_frees_its_slot_on_drop() {
+        let seg = segment();
+        let live = Arc::new(AtomicU32::new(0));
+        let payload: Vec<u8> = (0..48).collect();
+        let msg = round_trip(&seg, &payload, &live);
+        assert_eq!(msg.meta(), Meta::new(3, 0x0123_4567));
+        assert_eq!(
+            (msg.len(), msg.is_empty(), msg.is_zero_copy()),
+            (48, false, true)
+        );
+        assert_eq!(
+            msg.sealed_slice(),
+            None,
+            "a slot can be written by a broken peer"
+        );
+        let mut out = vec![9; 3];
+        msg.copy_into(&mut out);
+        assert_eq!(out, payload);
+        assert_eq!(
+            msg.read_pod::<u64>(),
+            Some(u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]))
+        );
+        assert_eq!(msg.read_pod::<[u64; 7]>(), None, "longer than the payload");
+        assert_eq!(live.load(Ordering::Relaxed), 1);
+        let pool = seg
+            .pool(PeerId::new(PEER).unwrap(), Direction::ToHost, 0)
+            .unwrap();
+        assert_eq!(pool.state(0), Some(SlotState::Received));
+        drop(msg);
+        assert_eq!(pool.state(0), Some(SlotState::Free));
+        assert_eq!(live.load(Ordering::Relaxed), 0);
+
+        let inline = round_trip(&seg, b"", &live);
+        assert_eq!(
+            (inline.len(), inline.is_empty(), inline.is_zero_copy()),
+            (0, true, false)
+        );
+        assert_eq!(inline.sealed_slice(), None);
+        let inline = round_trip(&seg, b"abc", &live);
+        assert_eq!(
+            (inline.is_empty(), inline.to_vec()),
+            (false, b"abc".to_vec())
+        );
+        assert_eq!(
+            live.load(Ordering::Relaxed),
+            0,
+            "inline messages hold no slot"
+        );
+    }
+
+    // shm[verify shm.msg.large]
+    #[test]
+    fn a_sealed_large_payload_is_a_plain_slice() {
+        let mut buf = crate::large::LargeBuffer::create(5).unwrap();
+        assert!(buf.write_at(0, b"large"));
+        let view = LargeView::open(buf.finish(9).unwrap(), 9, 5).unwrap();
+        let msg = Message::large(Meta::new(1, 2), view);
+        assert_eq!(msg.sealed_slice(), Some(&b"large"[..]));
+        assert!(msg.is_zero_copy());
+    }
+
+    // A loan's bytes take writes only inside the slot.
+    // shm[verify shm.slot.loan]
+    #[test]
+    fn slot_bytes_take_writes_only_inside_the_slot() {
+        let seg = segment();
+        let peer = PeerId::new(PEER).unwrap();
+        let pool = seg.pool(peer, Direction::ToHost, 0).unwrap();
+        let ptr = pool.data_ptr(1).unwrap();
+        let mut bytes = SlotBytes::new(ptr, 64);
+        assert_eq!(bytes.capacity(), 64);
+        assert_eq!(bytes.as_mut_ptr(), ptr.as_ptr());
+        assert!(bytes.write_at(60, &[1, 2, 3, 4]));
+        assert!(!bytes.write_at(61, &[1, 2, 3, 4]), "past the end");
+        assert!(!bytes.write_at(usize::MAX, &[1]), "overflowing offset");
+        assert_eq!(bytes.write_pod(&0x0403_0201u32), Some(4));
+        assert_eq!(bytes.write_pod(&[0u64; 9]), None);
+        let mut out = Vec::new();
+        assert!(pool.read_to_vec(1, 64, &mut out));
+        assert_eq!(out[..4], [1, 2, 3, 4]);
+        assert_eq!(out[60..], [1, 2, 3, 4]);
+        assert!(out[4..60].iter().all(|&b| b == 0));
     }
 }
