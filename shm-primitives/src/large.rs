@@ -54,8 +54,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::mem::size_of;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -82,16 +81,6 @@ const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 const MAGIC_AT: usize = 0;
 const SEQ_AT: usize = 8;
 const LEN_AT: usize = 16;
-
-const FD_SIZE: usize = size_of::<RawFd>();
-/// How many descriptors one `recvmsg` in [`recv_pending`] has room for.
-const RECV_FDS: usize = 8;
-// SAFETY: CMSG_SPACE is plain arithmetic on its argument; it touches no memory.
-const RECV_CMSG_SPACE: usize = unsafe { libc::CMSG_SPACE((RECV_FDS * FD_SIZE) as u32) } as usize;
-
-/// A control-message buffer, aligned for `cmsghdr` (whose alignment is at most 8).
-type CmsgBuf<const WORDS: usize> = [u64; WORDS];
-const RECV_CMSG_WORDS: usize = RECV_CMSG_SPACE.div_ceil(8);
 
 /// Why a received descriptor was refused as a large payload.
 #[derive(Debug, thiserror::Error)]
@@ -516,51 +505,26 @@ fn send_fds(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
 /// through the sequence number of the next one ([`LargeView::open`] refuses it).
 pub fn recv_pending(sock: BorrowedFd<'_>, fds: &mut VecDeque<OwnedFd>) -> Drained {
     let mut data = [0u8; 64];
-    let mut control: CmsgBuf<RECV_CMSG_WORDS> = [0; RECV_CMSG_WORDS];
     let mut rang = false;
     loop {
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: msghdr is plain old data; all zeroes is a valid (empty) value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = RECV_CMSG_SPACE as _;
-        // SAFETY: the kernel writes at most data.len() bytes into `data` and at most
-        // RECV_CMSG_SPACE bytes into `control`, both live locals.
-        let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock if rang => Drained::Rang,
-                io::ErrorKind::WouldBlock => Drained::Quiet,
-                _ => Drained::HungUp,
-            };
-        }
-        // SAFETY: recvmsg succeeded, so `msg` describes the control data it wrote into
-        // `control`, and the descriptors in it were installed for us and are unowned.
-        unsafe {
-            crate::memfd::take_fds(&msg, |fd| {
-                // Beyond the cap, `fd` drops here: closed at once.
-                if fds.len() < MAX_QUEUED_FDS {
-                    fds.push_back(fd);
+        let got = crate::memfd::recv_once(sock, &mut data, |fd| {
+            // Beyond the cap, `fd` drops here: closed at once.
+            if fds.len() < MAX_QUEUED_FDS {
+                fds.push_back(fd);
+            }
+        });
+        match got {
+            Err(err) => {
+                return match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock if rang => Drained::Rang,
+                    io::ErrorKind::WouldBlock => Drained::Quiet,
+                    _ => Drained::HungUp,
                 }
-            })
-        };
-        if n == 0 {
-            return Drained::HungUp;
+            }
+            Ok((0, _)) => return Drained::HungUp,
+            Ok(_) => rang = true,
         }
-        rang = true;
     }
 }
 
@@ -884,8 +848,16 @@ mod tests {
         drop(owned);
         let mut fds = VecDeque::new();
         assert_eq!(recv_pending(rx.as_fd(), &mut fds), Drained::Rang);
-        assert_eq!(fds.len(), RECV_FDS, "as many as the control buffer holds");
-        assert_eq!(memfds_named(NAME), RECV_FDS, "the kernel closed the rest");
+        assert_eq!(
+            fds.len(),
+            crate::memfd::RECV_MAX_FDS,
+            "as many as the control buffer holds"
+        );
+        assert_eq!(
+            memfds_named(NAME),
+            crate::memfd::RECV_MAX_FDS,
+            "the kernel closed the rest"
+        );
         for (seq, fd) in fds.drain(..).enumerate() {
             LargeView::open(fd, seq as u64, 1).unwrap();
         }

@@ -180,46 +180,59 @@ pub fn recv_with_fds(
             }
             continue;
         }
-        let mut control: CmsgBuf<RECV_CMSG_WORDS> = [0; RECV_CMSG_WORDS];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: msghdr is plain old data; all zeroes is a valid (empty) value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = RECV_CMSG_SPACE as _;
-        // SAFETY: the kernel writes at most buf.len() bytes into `buf` and at most
-        // RECV_CMSG_SPACE bytes into `control`, both live for the call.
-        let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            match err.kind() {
+        let mut fds = Vec::new();
+        match recv_once(sock, buf, |fd| fds.push(fd)) {
+            Err(err) => match err.kind() {
                 io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
                 _ => return Err(err),
+            },
+            Ok((0, _)) if fds.is_empty() => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok((len, flags)) => {
+                return Ok(Some(Received {
+                    len,
+                    fds,
+                    truncated: flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+                }))
             }
         }
-        let mut fds = Vec::new();
-        // SAFETY: recvmsg succeeded, so `msg` describes the control data it wrote into
-        // `control`, and the descriptors in it were installed for us and are unowned.
-        unsafe { take_fds(&msg, |fd| fds.push(fd)) };
-        if n == 0 && fds.is_empty() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        return Ok(Some(Received {
-            len: n as usize,
-            fds,
-            truncated: msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
-        }));
     }
+}
+
+/// One non-blocking `recvmsg` with `MSG_CMSG_CLOEXEC`: at most `buf.len()` bytes of
+/// data, and every `SCM_RIGHTS` descriptor (up to [`RECV_MAX_FDS`]; the kernel closes
+/// any beyond) handed to `take`, owned. Returns the bytes read and the message flags.
+pub(crate) fn recv_once(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    take: impl FnMut(OwnedFd),
+) -> io::Result<(usize, libc::c_int)> {
+    let mut control: CmsgBuf<RECV_CMSG_WORDS> = [0; RECV_CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = RECV_CMSG_SPACE as _;
+    // SAFETY: the kernel writes at most buf.len() bytes into `buf` and at most
+    // RECV_CMSG_SPACE bytes into `control`, both live for the call.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: recvmsg succeeded, so `msg` describes the control data it wrote into
+    // `control`, and the descriptors in it were installed for us and are unowned.
+    unsafe { take_fds(&msg, take) };
+    Ok((n as usize, msg.msg_flags))
 }
 
 /// Hands every `SCM_RIGHTS` descriptor of a received message to `take`, owned.
