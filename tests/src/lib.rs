@@ -318,6 +318,29 @@ pub fn ring_header(
     unsafe { seg.backing().region().view(off) }.expect("ring header in bounds and aligned")
 }
 
+/// Sends guest message number `n` of the soaks: a random length from `lengths`, the
+/// payload `pattern(seed, n, len)` and `Meta::new(msg_type, n)`; a third of those up to
+/// 1 KiB go in place through a loan (which always travels in a slot,
+/// `shm.slot.loan`), the rest are copied.
+pub fn send_checked(
+    guest: &mut shm_guest::ShmGuest,
+    rng: &mut Rng,
+    lengths: &[usize],
+    (msg_type, seed, n): (u32, u64, u64),
+    wait: Duration,
+) {
+    let len = *rng.pick(lengths);
+    let payload = pattern(seed, n, len);
+    let meta = shm_host::Meta::new(msg_type, n);
+    if len <= 1024 && rng.chance(1, 3) {
+        let mut loan = guest.loan_timeout(len, wait).unwrap();
+        assert!(loan.write_at(0, &payload));
+        loan.send(meta, len).unwrap();
+    } else {
+        guest.send(meta, &payload, wait).unwrap();
+    }
+}
+
 /// The deterministic payload of message `n` from peer `seed`, `len` bytes.
 pub fn pattern(seed: u64, n: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03);

@@ -27,7 +27,7 @@ use shm_host::{
 use shm_primitives::Segment;
 use shmhub_tests::{
     arg, hear, open_fds, our_shm_files, pattern, role, role_command, secs_from_env, seed_from_env,
-    shared_mappings, tell, watch_segment, watchdog, Proc, Rng, ShmPath, Talk,
+    send_checked, shared_mappings, tell, watch_segment, watchdog, Proc, Rng, ShmPath, Talk,
 };
 
 const TEST: &str = "guests_attaching_working_and_dying_at_random_leave_nothing_behind";
@@ -115,16 +115,7 @@ fn plain_main() {
     loop {
         leaving |= leave.try_recv().is_ok();
         if !leaving && sent - echoed < WINDOW {
-            let len = *rng.pick(&LENGTHS);
-            let payload = pattern(seed, sent, len);
-            let meta = Meta::new(MSG, sent);
-            if len <= 1024 && rng.chance(1, 3) {
-                let mut loan = guest.loan_timeout(len, LONG).unwrap();
-                assert!(loan.write_at(0, &payload));
-                loan.send(meta, len).unwrap();
-            } else {
-                guest.send(meta, &payload, LONG).unwrap();
-            }
+            send_checked(&mut guest, &mut rng, &LENGTHS, (MSG, seed, sent), LONG);
             sent += 1;
             continue;
         }

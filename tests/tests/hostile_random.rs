@@ -43,8 +43,8 @@ use shm_host::{
 };
 use shm_primitives::{Region, Segment};
 use shmhub_tests::{
-    arg, hear, pattern, role, secs_from_env, seed_from_env, tell, watch_segment, watchdog, Proc,
-    Rng, ShmPath,
+    arg, hear, pattern, role, secs_from_env, seed_from_env, send_checked, tell, watch_segment,
+    watchdog, Proc, Rng, ShmPath,
 };
 
 const TEST: &str = "hostile_guests_scribbling_at_random_never_hurt_the_host_or_honest_guests";
@@ -116,17 +116,7 @@ fn honest_main() {
             }
         }
         if expect_bcasts.is_none() && sent - echoed < WINDOW {
-            let len = *rng.pick(&LENGTHS);
-            let payload = pattern(seed, sent, len);
-            let meta = Meta::new(MSG, sent);
-            if len <= 1024 && rng.chance(1, 3) {
-                // In place (a loan always travels in a slot, `shm.slot.loan`).
-                let mut loan = guest.loan_timeout(len, LONG).unwrap();
-                assert!(loan.write_at(0, &payload));
-                loan.send(meta, len).unwrap();
-            } else {
-                guest.send(meta, &payload, LONG).unwrap();
-            }
+            send_checked(&mut guest, &mut rng, &LENGTHS, (MSG, seed, sent), LONG);
             sent += 1;
             continue;
         }
