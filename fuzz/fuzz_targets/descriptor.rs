@@ -35,7 +35,7 @@ struct Input {
     /// Overwrite the shared tail with this (default `start + 1`).
     tail: Option<u64>,
     /// Make the referenced slot Sent with the descriptor's generation (and, for a
-    /// broadcast, set the receiver's holder bit and `remaining`).
+    /// broadcast, set the receiver's holder bit).
     make_sent: bool,
     pokes: Vec<(bool, u16, u64)>,
     view: bool,
@@ -212,7 +212,6 @@ fn make_sent(
             let rec = index as usize * 8;
             let bc = Section::BroadcastMeta;
             poke(seg, peer, bc, rec, PokeMode::Set, sent(generation));
-            poke(seg, peer, bc, rec + 1, PokeMode::Set, 1); // remaining
             let bit = peer.index();
             poke(
                 seg,

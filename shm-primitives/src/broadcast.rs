@@ -2,24 +2,25 @@
 //! (`shm.broadcast.layout`).
 //!
 //! Each slot has a 64-byte record: a state word (`generation << 32 | state`, as in
-//! guest pools, but only Free, Loaned and Sent), a set of *holder* bits (one per guest
-//! the host sent the slot to) and `remaining`, the number of holder bits still set. A
-//! holder gives up its reference by clearing its bit with one `fetch_and`; only the
-//! party that clears a set bit counts `remaining` down, so each bit is counted once
-//! even when a guest and the host (releasing for a departed guest) race, and the
-//! party that takes `remaining` from 1 to 0 frees the slot: exactly one free.
+//! guest pools, but only Free, Loaned and Sent) and a set of *holder* bits, one per
+//! guest the host sent the slot to. A holder gives up its reference by clearing its bit
+//! with one `fetch_and`, and that is the whole release: a Sent slot whose bits are all
+//! clear is *released*, and the host allocates it again as it would a Free one. There
+//! is no count to decrement after the bit, so a holder that dies at any instruction has
+//! either released or not, and the host's reclaim clears the bit of one that has not:
+//! no death leaks a slot (version 6 counted down a separate `remaining` after the bit,
+//! and a guest killed between the two leaked the slot for good).
 //!
 //! Unlike guest pools the pool is shared by every guest, so any of them can write any
-//! record. Nothing here trusts what it reads: indices and lengths are checked, states
-//! change only by compare-and-swap from the expected word, and a count that cannot be
-//! right is a [`Violation`], never a wrap. The release algorithm is generic over the
-//! atomic types so the loom model at the end of this file runs the same code.
+//! record. Nothing here trusts what it reads: indices and lengths are checked, and
+//! states change only by compare-and-swap from the expected word. The release and the
+//! reuse test are generic over the atomic types so the loom model runs the same code.
 
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::freelist::{Atom, MAX_ATTEMPTS};
+use crate::freelist::Atom;
 use crate::layout::BROADCAST_META_SIZE;
 use crate::peer::PeerId;
 use crate::region::Region;
@@ -41,10 +42,8 @@ pub const NO_WORD: u64 = u64::MAX;
 pub struct BroadcastMeta {
     /// `generation << 32 | state`: Free 0, Loaned 1, Sent 2.
     pub state: AtomicU64,
-    /// Holders whose bit is still set.
-    pub remaining: AtomicU32,
-    /// Reserved, zero.
-    pub _reserved0: AtomicU32,
+    /// Reserved, zero (version 6 kept a count of holders here).
+    pub _reserved0: AtomicU64,
     /// Bit `(id − 1) % 64` of word `(id − 1) / 64` for each guest holding the slot.
     pub holders: [AtomicU64; HOLDER_WORDS],
     /// Reserved, zero.
@@ -151,21 +150,18 @@ pub struct BroadcastRef {
 pub enum Release {
     /// The bit was already clear: someone else released this hold. Nothing changed.
     NotHeld,
-    /// The bit was cleared and counted; other holders remain.
+    /// The bit was cleared: this hold is given up. When it was the last, the slot is
+    /// released and the host may allocate it again.
     Released,
-    /// The bit was cleared and was the last: the slot is Free.
-    Freed,
 }
 
 /// What [`BroadcastPool::release_for`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReleaseCounts {
-    /// Holder bits of the guest that were cleared (and counted down).
+    /// Holder bits of the guest that were cleared.
     pub cleared: u32,
-    /// Slots freed because the guest's bit was the last.
-    pub freed: u32,
-    /// Slots whose record was impossible (`remaining` zero under a set bit, a count
-    /// that kept changing, or a state that changed under us): left as found.
+    /// Slots whose state word changed between two loads of it (only a guest writing
+    /// a word that is the host's can do that): left as found.
     pub refused: u32,
 }
 
@@ -177,10 +173,20 @@ pub struct BroadcastSlotInfo {
     pub state: Option<SlotState>,
     /// The generation.
     pub generation: u32,
-    /// The `remaining` count.
-    pub remaining: u32,
     /// The holder bits.
     pub holders: PeerSet,
+}
+
+impl BroadcastSlotInfo {
+    /// Free, or Sent with no holder bit left (released): what the host may allocate.
+    pub fn is_free(&self) -> bool {
+        match self.state {
+            Some(SlotState::Free) => true,
+            Some(SlotState::Sent) => (self.holders.words().iter().enumerate())
+                .all(|(w, &bits)| bits & guest_bits(w) == 0),
+            _ => false,
+        }
+    }
 }
 
 /// 64-bit atomics with the bit-clearing operation releases need, so that loom's
@@ -209,32 +215,54 @@ fn broadcast_state(raw: u64) -> Option<SlotState> {
     state_of(raw).filter(|&s| s != SlotState::Received)
 }
 
-/// Host: Free(g) -> Loaned(g+1) if `state` holds Free(g); the new generation.
-/// Acquire: every holder's reads of the previous payload happen before our writes
-/// (through the release chain of `Record::release`).
-pub(crate) fn take_free<W: Atom<V = u64>>(state: &W) -> Option<u32> {
-    let raw = state.load(Ordering::Relaxed);
-    if broadcast_state(raw) != Some(SlotState::Free) {
-        return None;
+/// The bits of holder word `w` that name a guest: bit 63 of the last word names none,
+/// so a guest setting it cannot keep a slot from being released.
+fn guest_bits(w: usize) -> u64 {
+    if w == HOLDER_WORDS - 1 {
+        u64::MAX >> 1
+    } else {
+        u64::MAX
     }
-    let generation = ((raw >> 32) as u32).wrapping_add(1);
-    let loaned = pack(SlotState::Loaned, generation);
-    state
-        .cas(raw, loaned, Ordering::Acquire, Ordering::Relaxed)
-        .ok()
-        .map(|_| generation)
 }
 
-/// The words of one record that releasing touches, over any atomics.
-pub(crate) struct Record<'a, W, C> {
+/// The words of one record that releasing and reuse touch, over any atomics.
+pub(crate) struct Record<'a, W> {
     pub(crate) state: &'a W,
-    pub(crate) remaining: &'a C,
     pub(crate) holders: &'a [W],
 }
 
-impl<W: BitAtom, C: Atom<V = u32>> Record<'_, W, C> {
-    /// Gives up `peer`'s hold on the broadcast whose word is `sent` (Sent(g)). On an
-    /// impossible record, returns the state word as found and leaves the rest as is.
+impl<W: BitAtom> Record<'_, W> {
+    /// Host: takes the slot if the host may allocate it, Free(g) or released Sent(g)
+    /// -> Loaned(g+1); the new generation. The Acquire loads of the holder words pair
+    /// with each holder's Release clear, so every holder's reads of the previous
+    /// payload happen before our writes; the Acquire of the state word pairs with the
+    /// Release of an abandon.
+    pub(crate) fn take(&self) -> Option<u32> {
+        let raw = self.state.load(Ordering::Acquire);
+        match broadcast_state(raw) {
+            Some(SlotState::Free) => {}
+            Some(SlotState::Sent) if self.released() => {}
+            _ => return None,
+        }
+        let generation = ((raw >> 32) as u32).wrapping_add(1);
+        let loaned = pack(SlotState::Loaned, generation);
+        self.state
+            .cas(raw, loaned, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| generation)
+    }
+
+    /// No holder bit that names a guest is set (Acquire: see [`take`](Self::take)).
+    fn released(&self) -> bool {
+        self.holders
+            .iter()
+            .enumerate()
+            .all(|(w, word)| word.load(Ordering::Acquire) & guest_bits(w) == 0)
+    }
+
+    /// Gives up `peer`'s hold on the broadcast whose word is `sent` (Sent(g)): one
+    /// atomic clear of its bit. If the word is not `sent`, returns it as found and
+    /// changes nothing.
     pub(crate) fn release(&self, peer: PeerId, sent: u64) -> Result<Release, u64> {
         // The slot must still be the broadcast the hold is for: a hold on an older
         // generation must not clear a bit of a newer one.
@@ -246,50 +274,26 @@ impl<W: BitAtom, C: Atom<V = u32>> Record<'_, W, C> {
         let Some(word) = self.holders.get(w) else {
             return Ok(Release::NotHeld);
         };
-        // One atomic clear: of a guest and the host releasing for it, exactly one
-        // sees the bit set, and only that one counts down.
+        // One atomic clear, and the whole release: of a guest and the host releasing
+        // for it, exactly one sees the bit set. Release: our reads of the payload
+        // happen before the host's next writes, which it makes only after an Acquire
+        // load of this word finds it clear (`take`).
         if word.fetch_and(!mask, Ordering::AcqRel) & mask == 0 {
             return Ok(Release::NotHeld);
         }
-        // Checked decrement, never below zero. AcqRel: our reads of the payload
-        // happen before the last holder's free, and so before the host's next writes.
-        let mut n = self.remaining.load(Ordering::Relaxed);
-        let mut attempts = 0;
-        loop {
-            if n == 0 || attempts == MAX_ATTEMPTS {
-                // A set bit with nothing left to count: someone rewrote the record.
-                return Err(self.state.load(Ordering::Relaxed));
-            }
-            match self
-                .remaining
-                .cas(n, n - 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(now) => n = now,
-            }
-            attempts += 1;
-        }
-        if n > 1 {
-            return Ok(Release::Released);
-        }
-        // We took the count from 1 to 0: the one free, Sent(g) -> Free(g).
-        let free = sent & !u64::from(u32::MAX);
-        self.state
-            .cas(sent, free, Ordering::Release, Ordering::Relaxed)
-            .map(|_| Release::Freed)
+        Ok(Release::Released)
     }
 }
 
 /// Releases `peer`'s hold on every record found Sent, as the host does for a guest
 /// that is gone. A record it cannot make sense of is counted and left as found.
 // shm[impl shm.broadcast.untrusted]
-pub(crate) fn release_all<'a, W, C>(
-    records: impl IntoIterator<Item = Record<'a, W, C>>,
+pub(crate) fn release_all<'a, W>(
+    records: impl IntoIterator<Item = Record<'a, W>>,
     peer: PeerId,
 ) -> ReleaseCounts
 where
     W: BitAtom + 'a,
-    C: Atom<V = u32> + 'a,
 {
     let mut counts = ReleaseCounts::default();
     for record in records {
@@ -300,10 +304,6 @@ where
         match record.release(peer, raw) {
             Ok(Release::NotHeld) => {}
             Ok(Release::Released) => counts.cleared += 1,
-            Ok(Release::Freed) => {
-                counts.cleared += 1;
-                counts.freed += 1;
-            }
             Err(_) => counts.refused += 1,
         }
     }
@@ -354,18 +354,18 @@ impl<'a> BroadcastPool<'a> {
         self.slot_size
     }
 
-    fn record(&self, index: u32) -> Option<Record<'a, AtomicU64, AtomicU32>> {
+    fn record(&self, index: u32) -> Option<Record<'a, AtomicU64>> {
         let meta = self.metas.get(index as usize)?;
         Some(Record {
             state: &meta.state,
-            remaining: &meta.remaining,
             holders: &meta.holders,
         })
     }
 
-    /// Host: takes the first Free slot at or after the cursor (wrapping), Free(g) ->
-    /// Loaned(g+1), and moves the cursor past it; `None` when no slot is Free. The
-    /// cursor is private memory; a word that is not Free is skipped, never repaired.
+    /// Host: takes the first slot at or after the cursor (wrapping) that is Free or
+    /// released (Sent with no holder bit), -> Loaned(g+1), and moves the cursor past
+    /// it; `None` when there is none. The cursor is private memory; any other word is
+    /// skipped, never repaired.
     // shm[impl shm.broadcast.alloc]
     // shm[impl shm.broadcast.untrusted]
     pub fn alloc(&self) -> Option<BroadcastRef> {
@@ -373,7 +373,8 @@ impl<'a> BroadcastPool<'a> {
         let start = self.cursor.load(Ordering::Relaxed) % n;
         for k in 0..n {
             let index = (start + k) % n;
-            if let Some(generation) = take_free(&self.metas[index as usize].state) {
+            let record = self.record(index).expect("index < count");
+            if let Some(generation) = record.take() {
                 self.cursor.store((index + 1) % n, Ordering::Relaxed);
                 return Some(BroadcastRef { index, generation });
             }
@@ -388,10 +389,10 @@ impl<'a> BroadcastPool<'a> {
             && self.region.copy_in(self.data_at(index), src)
     }
 
-    /// Host: sets the holder bits to `holders` and `remaining` to their number, then
-    /// publishes the slot, Loaned(g) -> Sent(g) with Release (the payload, bits and
-    /// count happen before any recipient's check). A failed compare-and-swap means a
-    /// guest wrote the word: the slot is left as found and nothing may be pushed.
+    /// Host: sets the holder bits to `holders`, then publishes the slot, Loaned(g) ->
+    /// Sent(g) with Release (the payload and bits happen before any recipient's
+    /// check). A failed compare-and-swap means a guest wrote the word: the slot is
+    /// left as found and nothing may be pushed.
     // shm[impl shm.broadcast.alloc]
     pub fn publish(&self, slot: BroadcastRef, holders: &PeerSet) -> Result<(), Violation> {
         let BroadcastRef { index, generation } = slot;
@@ -405,7 +406,6 @@ impl<'a> BroadcastPool<'a> {
         for (word, bits) in meta.holders.iter().zip(holders.words()) {
             word.store(bits, Ordering::Relaxed);
         }
-        meta.remaining.store(holders.len(), Ordering::Relaxed);
         let (loaned, sent) = (
             pack(SlotState::Loaned, generation),
             pack(SlotState::Sent, generation),
@@ -480,8 +480,7 @@ impl<'a> BroadcastPool<'a> {
         }
     }
 
-    /// A holder gives up its reference: clears `peer`'s bit, counts it down, and frees
-    /// the slot if it was the last (`shm.broadcast.release`).
+    /// A holder gives up its reference: clears `peer`'s bit (`shm.broadcast.release`).
     // shm[impl shm.broadcast.release]
     pub fn release(&self, peer: PeerId, index: u32, generation: u32) -> Result<Release, Violation> {
         let violation = |found| Violation::Broadcast {
@@ -533,13 +532,13 @@ impl<'a> BroadcastPool<'a> {
                 .copy_out_to_vec(self.data_at(index), len as usize, out)
     }
 
-    /// Counts slots by state: Free, or anything else.
+    /// Counts slots: free (Free, or Sent and released), or in use.
     pub fn usage(&self) -> PoolUsage {
         let mut u = PoolUsage::default();
-        for meta in self.metas {
-            match broadcast_state(meta.state.load(Ordering::Acquire)) {
-                Some(SlotState::Free) => u.free += 1,
-                _ => u.in_use += 1,
+        for index in 0..self.count() {
+            match self.info(index).is_some_and(|i| i.is_free()) {
+                true => u.free += 1,
+                false => u.in_use += 1,
             }
         }
         u
@@ -553,7 +552,6 @@ impl<'a> BroadcastPool<'a> {
         Some(BroadcastSlotInfo {
             state: broadcast_state(raw),
             generation: (raw >> 32) as u32,
-            remaining: meta.remaining.load(Ordering::Relaxed),
             holders: PeerSet::from_words(holders),
         })
     }

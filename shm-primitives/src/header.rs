@@ -15,7 +15,7 @@ pub const HEADER_SIZE: usize = 256;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMHUB\0\x01");
 /// Current layout and protocol version (6: descriptor stamps, `shm.ring.produce`;
 /// space waits park on the ring's `space_bell`, `shm.wake.space`).
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Incompatible feature bits this build understands (an attacher refuses any other).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
 /// Compatible feature bits this build understands (others are ignored).

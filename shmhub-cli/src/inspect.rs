@@ -140,7 +140,7 @@ impl StateCounts {
 struct BroadcastReport {
     slot_size: u32,
     counts: StateCounts,
-    /// Every slot that is not Free, by index.
+    /// Every slot in use (neither Free nor released), by index.
     busy: Vec<BroadcastSlot>,
 }
 
@@ -149,7 +149,6 @@ struct BroadcastSlot {
     index: u32,
     state: Option<SlotState>,
     generation: u32,
-    remaining: u32,
     holders: Vec<u8>,
 }
 
@@ -316,13 +315,16 @@ fn broadcast_report(seg: &Segment) -> Option<BroadcastReport> {
     let mut busy = Vec::new();
     for index in 0..pool.count() {
         let info = pool.info(index).expect("index within the pool");
-        counts.add(info.state);
-        if info.state != Some(SlotState::Free) {
+        // A Sent slot whose holders have all released it is free: the host allocates
+        // it as it would a Free one (`shm.broadcast.release`).
+        if info.is_free() {
+            counts.add(Some(SlotState::Free));
+        } else {
+            counts.add(info.state);
             busy.push(BroadcastSlot {
                 index,
                 state: info.state,
                 generation: info.generation,
-                remaining: info.remaining,
                 holders: info.holders.iter().map(PeerId::get).collect(),
             });
         }
@@ -513,11 +515,10 @@ impl Report {
                 for s in &b.busy {
                     let _ = writeln!(
                         o,
-                        "  slot {}: {} generation {}, remaining {}, holders {:?}",
+                        "  slot {}: {} generation {}, holders {:?}",
                         s.index,
                         slot_state_name(s.state),
                         s.generation,
-                        s.remaining,
                         s.holders
                     );
                 }
@@ -611,7 +612,6 @@ impl Report {
                         ("index", s.index.into()),
                         ("state", slot_state_name(s.state).into()),
                         ("generation", s.generation.into()),
-                        ("remaining", s.remaining.into()),
                         (
                             "holders",
                             s.holders

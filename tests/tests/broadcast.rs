@@ -67,10 +67,31 @@ fn holder_main() {
                 held.clear();
                 tell("dropped");
             }
+            Some("half-release") => {
+                // What an honest guest SIGKILLed inside its release leaves behind: its
+                // bit cleared with the one atomic AND, and nothing after it. The views
+                // stay held (never dropped) until the parent kills us.
+                let index: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                clear_own_bit(&guest, index);
+                tell("cleared");
+            }
             _ => break,
         }
     }
     guest.detach();
+}
+
+/// Clears this guest's holder bit of broadcast record `index` by hand, through a
+/// second mapping of the segment (`shm.broadcast.layout`: word w at record offset
+/// 16 + 8w).
+fn clear_own_bit(guest: &ShmGuest, index: u64) {
+    let seg = watch_segment(std::path::Path::new(&arg("SEG")));
+    let bit = u64::from(guest.peer_id().get() - 1);
+    let record = seg.layout().broadcast_offset + 64 * index;
+    let word = record + 16 + 8 * (bit / 64);
+    let holders = seg.backing().region().atomic_u64(word as usize).unwrap();
+    let before = holders.fetch_and(!(1 << (bit % 64)), std::sync::atomic::Ordering::AcqRel);
+    assert_ne!(before & 1 << (bit % 64), 0, "held before the release");
 }
 
 /// A guest that receives by copying into a vector.
@@ -176,24 +197,25 @@ fn recv_line(items: &[(u64, usize)]) -> String {
 fn assert_held(info: BroadcastSlotInfo, r: BroadcastRef, holders: PeerSet) {
     assert_eq!(info.state, Some(SlotState::Sent), "{r:?}");
     assert_eq!(info.generation, r.generation, "{r:?}");
-    assert_eq!(info.remaining, holders.len(), "{r:?}");
     assert_eq!(info.holders, holders, "{r:?}");
+    assert!(!info.is_free(), "{r:?}");
 }
 
-/// Free with the generation it was sent with: freed, and not reused since.
+/// Sent with the generation it was sent with and no holder left: released (free for
+/// the host to take), and not reused since.
 fn assert_freed(info: BroadcastSlotInfo, r: BroadcastRef) {
-    assert_eq!(info.state, Some(SlotState::Free), "{r:?}");
+    assert_eq!(info.state, Some(SlotState::Sent), "{r:?}");
     assert_eq!(info.generation, r.generation, "{r:?}");
-    assert_eq!(info.remaining, 0, "{r:?}");
     assert!(info.holders.is_empty(), "{r:?}");
+    assert!(info.is_free(), "{r:?}");
 }
 
 const SIXTY_FOUR: &str = "sixty_four_guests_read_every_byte_from_one_shared_slot";
 
 // Sixty-four guest processes receive a series of broadcasts through three shared
 // slots, check every byte in place and hold their views. The slot stays Sent until the
-// very last holder lets go (checked after 63 of 64 released) and then is Free with the
-// generation it was sent with: freed once. Three held broadcasts fill the pool (a
+// very last holder lets go (checked after 63 of 64 released) and then is released with
+// the generation it was sent with. Three held broadcasts fill the pool (a
 // fourth is WouldBlock, an inline one still goes), and every slot is reused.
 // shm[verify shm.broadcast.alloc]
 // shm[verify shm.broadcast.refcount]
@@ -322,6 +344,55 @@ fn a_guest_killed_holding_a_broadcast_is_released_for_by_the_host() {
     b.bye();
 }
 
+const MID_RELEASE: &str = "a_guest_killed_inside_its_release_leaks_no_slot";
+
+// A guest is SIGKILLed inside its release of a broadcast it holds last: right after
+// the atomic AND that clears its holder bit. The host reaps it and the slot is free
+// again: counted free, and the pool's only slot is allocated to the next broadcast.
+// (Version 6 freed a slot on its count of holders, which a releaser decremented after
+// clearing its bit; a death between the two leaked the slot for good, as the random
+// hostile soak once found.)
+// shm[verify shm.broadcast.release]
+// shm[verify shm.broadcast.reclaim]
+#[test]
+fn a_guest_killed_inside_its_release_leaks_no_slot() {
+    if role().as_deref() == Some("holder") {
+        return holder_main();
+    }
+    let mut b = Bench::start(MID_RELEASE, "holder", "bcast-mid", 2, config(4, 1, 4096));
+    let deaths: Arc<Mutex<Vec<Death>>> = Arc::default();
+    let sink = deaths.clone();
+    b.host.on_death(move |d| sink.lock().unwrap().push(*d));
+    let held = b.broadcast(0, 3000).unwrap();
+    b.tell_all(0..2, &recv_line(&[(0, 3000)]), "got");
+    // The survivor lets go first: the victim is the last holder.
+    b.tell_all(0..1, "drop", "dropped");
+    assert_held(b.slot(held), held, [b.ids[1]].into_iter().collect());
+    b.tell_all(1..2, &format!("half-release {}", held.index), "cleared");
+    let victim = b.ids[1];
+    assert!(!b.guests[1].kill().success());
+    poll_until(LONG, "the victim's death", || {
+        b.host.maintain();
+        (!deaths.lock().unwrap().is_empty()).then_some(())
+    });
+    assert_eq!(deaths.lock().unwrap()[0].peer, victim);
+    b.guests.remove(1);
+    b.ids.remove(1);
+    let usage = b.host.broadcast_usage().unwrap();
+    assert_eq!((usage.free, usage.in_use), (1, 0), "the slot came back");
+    let next = b.broadcast(1, 3000).expect("the pool's one slot, reused");
+    assert_eq!(
+        next,
+        BroadcastRef {
+            index: 0,
+            generation: held.generation + 1
+        }
+    );
+    b.tell_all(0..1, &recv_line(&[(1, 3000)]), "got");
+    b.tell_all(0..1, "drop", "dropped");
+    b.bye();
+}
+
 const COPY: &str = "the_copy_path_releases_each_broadcast_as_it_returns";
 
 // Guests that receive into a vector release their hold before `recv` returns: once both
@@ -372,7 +443,7 @@ fn a_full_ring_is_reported_and_holds_no_reference() {
     let slot = report.slot.unwrap();
     let pool_view = shm_primitives::Segment::attach(host.backing()).unwrap();
     let info = pool_view.broadcast().unwrap().info(slot.index).unwrap();
-    assert_eq!((info.remaining, info.holders), (1, report.delivered));
+    assert_eq!(info.holders, report.delivered);
     assert_eq!(
         host.broadcast(Meta::new(1, 2), &[0; 1025]),
         Err(BroadcastError::TooLarge {

@@ -49,15 +49,14 @@ fn broadcast(pool: &BroadcastPool<'_>, holders: &[u8], payload: &[u8]) -> Broadc
 }
 
 // The record table of spec/10-broadcast.md, field by field, and the bytes where it
-// says: state, remaining, holder bits of ids 1, 64, 65 and 255, then the data of slot i
+// says: state, reserved, holder bits of ids 1, 64, 65 and 255, then the data of slot i
 // at 64 × slots + i × slot_size.
 // shm[verify shm.broadcast.layout]
 #[test]
 fn broadcast_records_sit_where_the_spec_table_says() {
     type M = BroadcastMeta;
     assert_eq!(offset_of!(M, state), 0);
-    assert_eq!(offset_of!(M, remaining), 8);
-    assert_eq!(offset_of!(M, _reserved0), 12);
+    assert_eq!(offset_of!(M, _reserved0), 8);
     assert_eq!(offset_of!(M, holders), 16);
     assert_eq!(offset_of!(M, _reserved1), 48);
     assert_eq!(size_of::<M>(), 64);
@@ -106,11 +105,7 @@ fn broadcast_records_sit_where_the_spec_table_says() {
     let holders: PeerSet = [1, 64, 65, 255].iter().map(|&n| id(n)).collect();
     pool.publish(b, &holders).unwrap();
     assert_eq!(word(&seg, 64).load(Relaxed), (1 << 32) | 2, "Sent(1)");
-    assert_eq!(
-        word(&seg, 64 + 8).load(Relaxed),
-        4,
-        "remaining 4, reserved 0"
-    );
+    assert_eq!(word(&seg, 64 + 8).load(Relaxed), 0, "reserved 0");
     assert_eq!(
         word(&seg, 64 + 16).load(Relaxed),
         1 | 1 << 63,
@@ -131,12 +126,13 @@ fn broadcast_records_sit_where_the_spec_table_says() {
 }
 
 // A slot goes Free -> Loaned -> Sent, each holder checks its own reference and
-// releases it once, and the last release frees it; the cursor then moves on.
+// releases it once, and after the last release the slot is free again (Sent with no
+// holder, which the host allocates as it would a Free one); the cursor moves on.
 // shm[verify shm.broadcast.alloc]
 // shm[verify shm.broadcast.refcount]
 // shm[verify shm.broadcast.release]
 #[test]
-fn every_holder_releases_once_and_the_last_frees() {
+fn every_holder_releases_once_and_the_last_frees_the_slot() {
     let seg = segment(2, 256);
     let pool = seg.broadcast().unwrap();
     let s = broadcast(&pool, &[1, 2, 5], &[7; 200]);
@@ -185,22 +181,22 @@ fn every_holder_releases_once_and_the_last_frees() {
     assert_eq!(pool.release(id(5), 0, 1), Ok(Release::Released));
     let info = pool.info(0).unwrap();
     assert_eq!(
-        (info.state, info.remaining, info.holders),
-        (Some(SlotState::Sent), 1, ids(&[1]))
+        (info.state, info.holders, info.is_free()),
+        (Some(SlotState::Sent), ids(&[1]), false)
     );
     assert_eq!(pool.usage(), PoolUsage { free: 1, in_use: 1 });
-    assert_eq!(pool.release(id(1), 0, 1), Ok(Release::Freed));
+    assert_eq!(pool.release(id(1), 0, 1), Ok(Release::Released));
     let info = pool.info(0).unwrap();
     assert_eq!(
-        (info.state, info.generation, info.remaining),
-        (Some(SlotState::Free), 1, 0)
+        (info.state, info.generation, info.is_free()),
+        (Some(SlotState::Sent), 1, true)
     );
     assert!(info.holders.is_empty());
-    // Freed once: a late release of the old generation changes nothing.
-    assert!(matches!(
+    assert_eq!(
         pool.release(id(1), 0, 1),
-        Err(Violation::Broadcast { .. })
-    ));
+        Ok(Release::NotHeld),
+        "a late release changes nothing"
+    );
     assert_eq!(pool.usage(), PoolUsage { free: 2, in_use: 0 });
     // The cursor moved past slot 0: slot 1 next, then slot 0 again with generation 2.
     let t = broadcast(&pool, &[4], &[1; 64]);
@@ -217,7 +213,12 @@ fn every_holder_releases_once_and_the_last_frees() {
         BroadcastRef {
             index: 0,
             generation: 2
-        }
+        },
+        "the released slot, taken again"
+    );
+    assert!(
+        matches!(pool.release(id(1), 0, 1), Err(Violation::Broadcast { .. })),
+        "a release of the old generation is refused"
     );
     assert_eq!(pool.alloc(), None, "every slot in use");
     assert!(pool.abandon(u));
@@ -239,7 +240,7 @@ fn every_holder_releases_once_and_the_last_frees() {
     );
 }
 
-// The host releases a gone guest's holds in every slot it is in, once, and frees the
+// The host releases a gone guest's holds in every slot it is in, once, which frees the
 // slots where it was the last; the guest's own late release then finds nothing.
 // shm[verify shm.broadcast.reclaim]
 #[test]
@@ -254,12 +255,11 @@ fn release_for_drops_a_gone_guests_holds_once() {
         counts,
         ReleaseCounts {
             cleared: 2,
-            freed: 1,
             refused: 0
         }
     );
-    assert_eq!(pool.info(b.index).unwrap().state, Some(SlotState::Free));
-    assert_eq!(pool.info(a.index).unwrap().remaining, 1);
+    assert!(pool.info(b.index).unwrap().is_free());
+    assert_eq!(pool.info(a.index).unwrap().holders, ids(&[1]));
     assert_eq!(
         pool.release(id(2), a.index, a.generation),
         Ok(Release::NotHeld)
@@ -271,21 +271,24 @@ fn release_for_drops_a_gone_guests_holds_once() {
     );
     assert_eq!(
         pool.release(id(1), c.index, c.generation),
-        Ok(Release::Freed)
+        Ok(Release::Released)
     );
     assert_eq!(
         pool.release_for(id(1)),
         ReleaseCounts {
             cleared: 1,
-            freed: 1,
             refused: 0
         }
     );
     assert_eq!(pool.usage().in_use, 0);
+    // Every slot comes back, each with its next generation.
+    let again: Vec<_> = (0..4).map(|_| pool.alloc().unwrap().generation).collect();
+    assert_eq!(again, [1, 2, 2, 2], "slot 3 (never used), then 0, 1 and 2");
 }
 
 // Whatever a guest writes into a record, the pool answers with a typed error or skips
-// the slot: no panic, no wrap of the count, no second free, no out-of-range access.
+// the slot: no panic, no out-of-range access, and a slot kept by written bits is
+// released as soon as those bits are cleared.
 // shm[verify shm.broadcast.untrusted]
 // shm[verify shm.broadcast.refcount]
 #[test]
@@ -293,7 +296,7 @@ fn hostile_records_are_refused_not_trusted() {
     let seg = segment(3, 64);
     let pool = seg.broadcast().unwrap();
     let state = |i: usize| word(&seg, 64 * i);
-    let counts = |i: usize| word(&seg, 64 * i + 8);
+    let bits = |i: usize, w: usize| word(&seg, 64 * i + 16 + 8 * w);
     // Words that hold no broadcast state (Received included) are never allocated.
     state(0).store(pack(SlotState::Received, 5), Relaxed);
     state(1).store(u64::MAX, Relaxed);
@@ -309,25 +312,31 @@ fn hostile_records_are_refused_not_trusted() {
     for i in 0..3 {
         state(i).store(0, Relaxed);
     }
-    // A zero count under a set bit: refused, not wrapped, not freed.
-    let s = broadcast(&pool, &[1, 2], &[9; 64]);
-    counts(s.index as usize).store(0, Relaxed);
-    let sent = pack(SlotState::Sent, s.generation);
+    // Bits set for guests the host did not send to (and the reserved word, which
+    // counted holders in version 6) keep the slot until those guests release it or
+    // leave; the stray bit 63 of word 3, which names no guest, keeps nothing.
+    let s = broadcast(&pool, &[1], &[9; 64]);
+    bits(s.index as usize, 0).fetch_or(1 << 5, Relaxed);
+    bits(s.index as usize, 3).fetch_or(1 << 63, Relaxed);
+    word(&seg, 64 * s.index as usize + 8).store(u64::MAX, Relaxed);
     assert_eq!(
         pool.release(id(1), s.index, s.generation),
-        Err(Violation::Broadcast {
-            index: s.index,
-            generation: s.generation,
-            found: sent
-        })
+        Ok(Release::Released)
     );
-    assert_eq!(pool.info(s.index).unwrap().remaining, 0);
+    assert!(!pool.info(s.index).unwrap().is_free(), "guest 6 holds it");
+    assert_eq!(pool.release_for(id(6)).cleared, 1, "guest 6 leaves");
+    assert!(pool.info(s.index).unwrap().is_free());
+    let taken: Vec<u32> = std::iter::from_fn(|| pool.alloc())
+        .map(|r| r.index)
+        .collect();
     assert_eq!(
-        pool.info(s.index).unwrap().state,
-        Some(SlotState::Sent),
-        "leaked, not freed"
+        taken.len(),
+        3,
+        "the released slot is taken with the Free ones"
     );
-    assert_eq!(pool.release_for(id(2)).refused, 1);
+    for i in 0..3 {
+        state(i).store(0, Relaxed);
+    }
     // A guest that frees a slot early: the holders' checks and releases fail, typed.
     let t = broadcast(&pool, &[1, 2], &[8; 64]);
     state(t.index as usize).store(pack(SlotState::Free, t.generation), Relaxed);
@@ -339,18 +348,19 @@ fn hostile_records_are_refused_not_trusted() {
         pool.release(id(1), t.index, t.generation),
         Err(Violation::Broadcast { .. })
     ));
-    // A huge count: every release succeeds, the slot is never freed (a leak only).
+    // The holders' bits are still set: the host frees the slot for its next use only
+    // once it is Sent with no holder, so a Free written under them does not count.
     state(t.index as usize).store(pack(SlotState::Sent, t.generation), Relaxed);
-    counts(t.index as usize).store(u64::from(u32::MAX), Relaxed);
     assert_eq!(
         pool.release(id(1), t.index, t.generation),
         Ok(Release::Released)
     );
+    assert!(!pool.info(t.index).unwrap().is_free());
     assert_eq!(
         pool.release(id(2), t.index, t.generation),
         Ok(Release::Released)
     );
-    assert_eq!(pool.info(t.index).unwrap().state, Some(SlotState::Sent));
+    assert!(pool.info(t.index).unwrap().is_free());
     // A word rewritten while the host holds the slot: publish refuses, nothing leaks
     // into Sent, and abandon refuses too (the slot is left as found).
     state(1).store(0, Relaxed);
@@ -416,7 +426,7 @@ fn take_copy_and_view_release_their_holds() {
     );
     assert_eq!(buf, payload);
     assert_eq!(pool.info(s.index).unwrap().holders, ids(&[2]));
-    // Guest 2 views in place: reading leaves the hold, dropping releases (and frees).
+    // Guest 2 views in place: reading leaves the hold, dropping releases (the last).
     let mut rx2 = Inbox::new(2);
     let msg = rx2.take(&ring2, &pools2, None).unwrap().unwrap();
     assert!(matches!(
@@ -442,11 +452,11 @@ fn take_copy_and_view_release_their_holds() {
     assert_eq!(view.to_vec(), payload);
     let mut tail = [0u8; 4];
     assert!(view.copy_to(2996, &mut tail) && tail == payload[2996..]);
-    assert_eq!(pool.info(s.index).unwrap().state, Some(SlotState::Sent));
+    assert!(!pool.info(s.index).unwrap().is_free());
     drop(view);
-    assert_eq!(pool.info(s.index).unwrap().state, Some(SlotState::Free));
-    // A reference whose slot was freed under it (or whose bit is clear) is consumed and
-    // reported once; the next message still arrives.
+    assert!(pool.info(s.index).unwrap().is_free());
+    // A reference whose bit is clear (or whose slot was freed under it) is consumed
+    // and reported once; the next message still arrives.
     push(&mut tx1, &ring1, s, 3000, 2);
     tx1.send_inline(&ring1, Meta::new(6, 3), b"after", None)
         .unwrap();
@@ -456,7 +466,7 @@ fn take_copy_and_view_release_their_holds() {
         Err(Violation::Broadcast {
             index: 0,
             generation: 1,
-            found: pack(SlotState::Free, 1)
+            found: pack(SlotState::Sent, 1)
         })
     );
     assert_eq!(
