@@ -10,7 +10,7 @@
 //! guest that left), no more descriptors or shared mappings than at the start, no
 //! child left (alive or zombie), and, once the host is dropped, no file in /dev/shm.
 //!
-//! `SHMHUB_CHAOS_SECS` sets the duration (default 30 s), `SHMHUB_CHAOS_SEED` replays
+//! `SHMHUB_CHAOS_SECS` sets the duration (default 60 s), `SHMHUB_CHAOS_SEED` replays
 //! a run's random choices (the seed is printed; timing still varies).
 
 use std::collections::{HashMap, VecDeque};
@@ -555,7 +555,7 @@ fn guests_attaching_working_and_dying_at_random_leave_nothing_behind() {
         Some("rpc") => return rpc_main(),
         _ => {}
     }
-    let seconds = secs_from_env("SHMHUB_CHAOS_SECS", 30);
+    let seconds = secs_from_env("SHMHUB_CHAOS_SECS", 60);
     let seed = seed_from_env("SHMHUB_CHAOS_SEED");
     let fds_before = open_fds();
     let maps_before = shared_mappings();

@@ -26,7 +26,7 @@
 //! child waits for `go`): a guest that claims an entry and rewrites its word before the
 //! host ever looked at it is indistinguishable from an entry nobody claimed.
 //!
-//! `SHMHUB_HOSTILE_SECS` sets the duration (default 20 s), `SHMHUB_HOSTILE_SEED`
+//! `SHMHUB_HOSTILE_SECS` sets the duration (default 60 s), `SHMHUB_HOSTILE_SEED`
 //! replays a run (the seed is printed).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -494,7 +494,8 @@ fn hostile_main() {
                 held.clear();
             }
         }
-        if writes >= reported + 512 {
+        // Every write is told: most rounds end in a fence within a few of them.
+        if writes > reported {
             reported = writes;
             tell(&format!("writes {writes}"));
         }
@@ -784,7 +785,7 @@ fn hostile_guests_scribbling_at_random_never_hurt_the_host_or_honest_guests() {
         Some("hostile") => return hostile_main(),
         _ => {}
     }
-    let seconds = secs_from_env("SHMHUB_HOSTILE_SECS", 20);
+    let seconds = secs_from_env("SHMHUB_HOSTILE_SECS", 60);
     let seed = seed_from_env("SHMHUB_HOSTILE_SEED");
     let seg = ShmPath::new("hostile-random");
     let mut host = ShmHost::create(seg.path(), config()).unwrap();
