@@ -83,7 +83,12 @@ struct RingReport {
 
 impl RingReport {
     /// `tail − head`, or `None` when that exceeds the capacity (`shm.ring.validate`).
+    /// A head one past the tail is an empty ring: the consumer follows the stamps,
+    /// which run one entry ahead of the tail until the producer stores it.
     fn depth(&self) -> Option<u64> {
+        if self.tail.wrapping_add(1) == self.head {
+            return Some(0);
+        }
         let d = self.tail.wrapping_sub(self.head);
         (d <= u64::from(self.capacity)).then_some(d)
     }
@@ -787,7 +792,9 @@ mod tests {
         };
         assert_eq!(r(10, 14).depth(), Some(4));
         assert_eq!(r(10, 15).depth(), None);
-        assert_eq!(r(11, 10).depth(), None, "head past tail");
+        assert_eq!(r(11, 10).depth(), Some(0), "a consumer one past the tail");
+        assert_eq!(r(12, 10).depth(), None, "head past tail");
+        assert_eq!(r(0, u64::MAX).depth(), Some(0), "one past, across the wrap");
         assert_eq!(r(u64::MAX, 1).depth(), Some(2), "counters wrap");
     }
 }
