@@ -5,9 +5,9 @@
 //! `@<word> ...` lines to stdout, and reads lines from stdin. Every child has a
 //! deadline and is killed when it passes; its exit status is asserted.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -64,13 +64,10 @@ impl Drop for ShmPath {
     }
 }
 
-/// A child process running one role of a test.
+/// A child process running one role of a test, and the [`Talk`] with it.
 pub struct Proc {
     child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    deadline: Instant,
-    name: String,
+    talk: Talk,
 }
 
 impl Proc {
@@ -93,25 +90,10 @@ impl Proc {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         configure(&mut cmd);
         let mut child = cmd.spawn().expect("spawn child test process");
+        let stdin: Box<dyn Write + Send> = Box::new(child.stdin.take().unwrap());
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(msg) = line.strip_prefix('@') {
-                    if tx.send(msg.to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Self {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            deadline: Instant::now() + limit,
-            name: role.to_string(),
-        }
+        let talk = Talk::over(stdin, stdout, role, limit);
+        Self { child, talk }
     }
 
     /// The child's pid.
@@ -119,20 +101,19 @@ impl Proc {
         self.child.id()
     }
 
-    /// Waits for the child's next `@` line (before its deadline).
+    /// Waits for the child's next `@` line (before its deadline, killing it then).
     pub fn expect_line(&mut self) -> String {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
+        match self.talk.next_line() {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => {
                 self.kill();
-                panic!("child {} said nothing before its deadline", self.name)
+                panic!("child {} said nothing before its deadline", self.talk.name)
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = self.child.wait().unwrap();
                 panic!(
                     "child {} exited ({status}) before saying anything",
-                    self.name
+                    self.talk.name
                 )
             }
         }
@@ -141,22 +122,17 @@ impl Proc {
     /// Waits for a line starting with `word` and returns the rest of it.
     pub fn expect(&mut self, word: &str) -> String {
         let line = self.expect_line();
-        match line.strip_prefix(word) {
-            Some(rest) => rest.trim().to_string(),
-            None => panic!("child {} said {line:?}, expected {word}", self.name),
-        }
+        self.talk.strip(line, word)
     }
 
     /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
     pub fn poll_line(&mut self, wait: Duration) -> Option<String> {
-        self.lines.recv_timeout(wait).ok()
+        self.talk.poll_line(wait)
     }
 
     /// Sends a line to the child's stdin.
     pub fn say(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
+        self.talk.say(line)
     }
 
     /// The child's exit status if it has exited (reaping it), without waiting.
@@ -173,14 +149,17 @@ impl Proc {
     /// Waits for the child to exit before its deadline (killing it on expiry) and
     /// returns its status.
     pub fn wait(&mut self) -> ExitStatus {
-        self.stdin.take();
+        self.talk.stdin.take();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            if Instant::now() >= self.deadline {
+            if Instant::now() >= self.talk.deadline {
                 self.kill();
-                panic!("child {} passed its deadline and was killed", self.name);
+                panic!(
+                    "child {} passed its deadline and was killed",
+                    self.talk.name
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -189,7 +168,11 @@ impl Proc {
     /// Waits for the child and asserts it exited with status 0.
     pub fn assert_success(&mut self) {
         let status = self.wait();
-        assert!(status.success(), "child {} failed: {status}", self.name);
+        assert!(
+            status.success(),
+            "child {} failed: {status}",
+            self.talk.name
+        );
     }
 }
 
@@ -458,12 +441,13 @@ pub fn slot_states(
         .collect()
 }
 
-/// The standard input and output of a child the harness does not start itself (a
-/// guest `ShmHost::spawn` starts), as pipes: the child talks with `tell` and `hear`
-/// as a [`Proc`] child does. Make it with [`Talk::wire`] before the command is
-/// spawned, and drop the command after spawning it (it holds the child's ends).
+/// The line protocol with a child: its stdin, and the `@` lines of its stdout (read on
+/// a thread of their own), all before a deadline. A [`Proc`] holds one; for a child
+/// the harness does not start itself (a guest `ShmHost::spawn` starts), make one with
+/// [`Talk::wire`] before the command is spawned, and drop the command after spawning
+/// it (it holds the child's ends).
 pub struct Talk {
-    stdin: Option<std::fs::File>,
+    stdin: Option<Box<dyn Write + Send>>,
     lines: Receiver<String>,
     deadline: Instant,
     name: String,
@@ -477,8 +461,18 @@ impl Talk {
         let (stdout_ours, stdout_child) = pipe();
         cmd.stdin(Stdio::from(stdin_child))
             .stdout(Stdio::from(stdout_child));
+        let stdin: Box<dyn Write + Send> = Box::new(std::fs::File::from(stdin_ours));
+        Self::over(stdin, std::fs::File::from(stdout_ours), name, limit)
+    }
+
+    /// Talks through `stdin` and `stdout` with a child named `name`, for `limit`.
+    fn over(
+        stdin: Box<dyn Write + Send>,
+        stdout: impl Read + Send + 'static,
+        name: &str,
+        limit: Duration,
+    ) -> Self {
         let (tx, lines) = mpsc::channel();
-        let stdout = std::fs::File::from(stdout_ours);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -490,17 +484,30 @@ impl Talk {
             }
         });
         Self {
-            stdin: Some(std::fs::File::from(stdin_ours)),
+            stdin: Some(stdin),
             lines,
             deadline: Instant::now() + limit,
             name: name.to_string(),
         }
     }
 
+    /// The next `@` line, waiting until the deadline at most.
+    fn next_line(&mut self) -> Result<String, RecvTimeoutError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        self.lines.recv_timeout(left)
+    }
+
+    /// The rest of `line` after `word`; a panic naming the child if it is not there.
+    fn strip(&self, line: String, word: &str) -> String {
+        match line.strip_prefix(word) {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("child {} said {line:?}, expected {word}", self.name),
+        }
+    }
+
     /// Waits for the child's next `@` line (before its deadline).
     pub fn expect_line(&mut self) -> String {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
+        match self.next_line() {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => {
                 panic!("child {} said nothing before its deadline", self.name)
@@ -514,10 +521,7 @@ impl Talk {
     /// Waits for a line starting with `word` and returns the rest of it.
     pub fn expect(&mut self, word: &str) -> String {
         let line = self.expect_line();
-        match line.strip_prefix(word) {
-            Some(rest) => rest.trim().to_string(),
-            None => panic!("child {} said {line:?}, expected {word}", self.name),
-        }
+        self.strip(line, word)
     }
 
     /// Like `expect_line`, but returns `None` when nothing arrives within `wait`.
