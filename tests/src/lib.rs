@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod syscalls;
+
 /// Env var naming the child's role.
 pub const ROLE_VAR: &str = "SHMHUB_TEST_ROLE";
 
