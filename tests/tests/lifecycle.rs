@@ -896,3 +896,84 @@ fn a_guest_drains_what_its_host_published_before_it_left() {
         assert!(guest.try_send(Meta::new(0, 1), b"x").is_err());
     }
 }
+
+const BUSY: &str = "a_host_that_always_finds_work_still_notices_a_death";
+
+/// The busy test's guests: a `backlog` guest publishes `N` messages at once and waits;
+/// a `victim` attaches and waits to be killed.
+fn busy_guest_main(role: &str) {
+    watchdog();
+    let mut guest = ShmGuest::attach_path(arg("SEG")).unwrap();
+    if role == "backlog" {
+        let n: u64 = arg("N").parse().unwrap();
+        for i in 0..n {
+            guest
+                .try_send(Meta::new(PING, i), &i.to_le_bytes())
+                .unwrap();
+        }
+    }
+    tell(&format!("ready {}", guest.peer_id().get()));
+    assert_eq!(hear(), "bye");
+    guest.detach();
+}
+
+// A host that always finds a message never finds nothing and never sleeps, the two
+// places its liveness checks used to run. Here it drains a backlog of 256 messages,
+// spending 100 µs on each, with a liveness interval of 1 ms; a second guest was
+// SIGKILLed before the first receive. The death must be reported while the backlog is
+// still draining (every 32nd receive looks at the clock), not only once it runs out:
+// before the fix the host noticed it at the first empty receive, after all 256.
+// shm[verify shm.live.tick]
+#[test]
+fn a_host_that_always_finds_work_still_notices_a_death() {
+    if let Some(role) = role() {
+        return busy_guest_main(&role);
+    }
+    const N: u64 = 256;
+    let seg = ShmPath::new("busy");
+    let config = SegmentConfig {
+        ring_capacity: 512,
+        ..SegmentConfig::default()
+    };
+    let mut host = ShmHost::create(seg.path(), config).unwrap();
+    host.set_liveness_interval(Duration::from_millis(1));
+    let deaths = log_deaths(&mut host);
+    let env = [
+        ("SEG", seg.path().display().to_string()),
+        ("N", N.to_string()),
+    ];
+    let mut backlog = Proc::spawn(BUSY, "backlog", &env, LONG);
+    let mut victim = Proc::spawn(BUSY, "victim", &env, LONG);
+    backlog.expect("ready");
+    let victim_id = PeerId::new(victim.expect("ready").parse().unwrap()).unwrap();
+    host.maintain();
+    assert!(!victim.kill().success());
+    let mut buf = Vec::new();
+    let mut noticed_at = None;
+    for i in 0..N {
+        let got = host.try_recv(&mut buf).unwrap().expect("the backlog lasts");
+        assert_eq!(
+            (got.meta, buf.as_slice()),
+            (Meta::new(PING, i), &i.to_le_bytes()[..])
+        );
+        // The work each message stands for (not synchronisation: nothing waits on it).
+        let work = Instant::now();
+        while work.elapsed() < Duration::from_micros(100) {
+            std::hint::spin_loop();
+        }
+        if noticed_at.is_none() && !deaths.lock().unwrap().is_empty() {
+            noticed_at = Some(i);
+        }
+    }
+    let noticed_at = noticed_at.expect("the death was noticed while the host was busy");
+    assert!(noticed_at < N - 1, "noticed at message {noticed_at}");
+    let death = deaths.lock().unwrap()[0].0;
+    assert_eq!((death.peer, death.attached), (victim_id, true));
+    assert_eq!(
+        host.try_recv(&mut buf).unwrap(),
+        None,
+        "the backlog is drained"
+    );
+    backlog.say("bye");
+    backlog.assert_success();
+}

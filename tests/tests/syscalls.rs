@@ -4,7 +4,7 @@
 //!
 //! With both sides spinning nobody ever parks, so neither may make a wake system call
 //! (`shm.wake.signal`): what is left is the liveness checks, by design at most one
-//! batch per liveness interval, and only when a wait lasts that long. With both
+//! batch per liveness interval (`shm.live.tick`). With both
 //! sides blocking, a wait that finds nothing parks at once and the other side wakes
 //! it: the futex calls are counted. (Counting makes every system call slower, a
 //! round trip through the supervisor thread, which shifts who finds the other
@@ -321,8 +321,10 @@ fn spinning_peers_make_no_system_call_per_message() {
                 "{path:?}: {name} made wake calls with nobody parked: {:?}",
                 side.phase.counts
             );
-            // What remains is liveness checks, at most one batch per interval (and
-            // only when a wait lasted a whole interval).
+            // What remains is liveness checks, at most one batch per interval
+            // (`shm.live.tick`). Per message that is about 0 at full speed, but on a
+            // loaded machine two spinners may hand over once per time slice, so a
+            // per-message bound would measure the scheduler: the bound is per time.
             let interval = shm_host::DEFAULT_LIVENESS_INTERVAL;
             let checks = side.phase.elapsed.as_nanos() / interval.as_nanos() + 2;
             assert!(
@@ -330,12 +332,6 @@ fn spinning_peers_make_no_system_call_per_message() {
                 "{path:?}: {name} made {} syscalls in {:?}: {:?}",
                 side.total(),
                 side.phase.elapsed,
-                side.phase.counts
-            );
-            assert!(
-                side.per_message() < 0.01,
-                "{path:?}: {name} made {:.4} syscalls per message: {:?}",
-                side.per_message(),
                 side.phase.counts
             );
         }
