@@ -40,6 +40,15 @@ fn word(seg: &Segment, off: usize) -> &AtomicU64 {
     seg.backing().region().atomic_u64(base + off).unwrap()
 }
 
+/// The `AtomicU32` at byte `off` of the broadcast pool: a record's 32-bit `remaining`,
+/// written with an access of the size the pool uses. (A 64-bit store over it made
+/// Miri's weak-memory emulation panic in nightly 2026-05-19; fixed in later Miri.)
+fn word32(seg: &Segment, off: usize) -> &AtomicU32 {
+    let base = seg.layout().broadcast_offset as usize;
+    // SAFETY: AtomicU32 is a single atomic integer.
+    unsafe { seg.backing().region().view(base + off) }.unwrap()
+}
+
 /// Allocates and publishes a slot holding `payload` for `holders`.
 fn broadcast(pool: &BroadcastPool<'_>, holders: &[u8], payload: &[u8]) -> BroadcastRef {
     let slot = pool.alloc().unwrap();
@@ -293,7 +302,7 @@ fn hostile_records_are_refused_not_trusted() {
     let seg = segment(3, 64);
     let pool = seg.broadcast().unwrap();
     let state = |i: usize| word(&seg, 64 * i);
-    let counts = |i: usize| word(&seg, 64 * i + 8);
+    let remaining = |i: usize| word32(&seg, 64 * i + 8);
     // Words that hold no broadcast state (Received included) are never allocated.
     state(0).store(pack(SlotState::Received, 5), Relaxed);
     state(1).store(u64::MAX, Relaxed);
@@ -311,7 +320,7 @@ fn hostile_records_are_refused_not_trusted() {
     }
     // A zero count under a set bit: refused, not wrapped, not freed.
     let s = broadcast(&pool, &[1, 2], &[9; 64]);
-    counts(s.index as usize).store(0, Relaxed);
+    remaining(s.index as usize).store(0, Relaxed);
     let sent = pack(SlotState::Sent, s.generation);
     assert_eq!(
         pool.release(id(1), s.index, s.generation),
@@ -341,7 +350,7 @@ fn hostile_records_are_refused_not_trusted() {
     ));
     // A huge count: every release succeeds, the slot is never freed (a leak only).
     state(t.index as usize).store(pack(SlotState::Sent, t.generation), Relaxed);
-    counts(t.index as usize).store(u64::from(u32::MAX), Relaxed);
+    remaining(t.index as usize).store(u32::MAX, Relaxed);
     assert_eq!(
         pool.release(id(1), t.index, t.generation),
         Ok(Release::Released)
