@@ -292,6 +292,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::proptest_config())]
+
         // shm[verify shm.slot.free-list]
         #[test]
         fn agrees_with_a_model_stack(

@@ -31,6 +31,18 @@ pub mod wait;
 #[cfg(test)]
 mod models;
 
+/// Proptest's configuration for this crate's unit tests: its default case count
+/// (`PROPTEST_CASES` overrides it), but a handful under Miri, where one case of these
+/// tests takes from half a second to seconds.
+#[cfg(test)]
+fn proptest_config() -> proptest::test_runner::Config {
+    let default = proptest::test_runner::Config::default();
+    proptest::test_runner::Config {
+        cases: if cfg!(miri) { 8 } else { default.cases },
+        ..default
+    }
+}
+
 pub use broadcast::{BroadcastPool, BroadcastRef, PeerSet};
 pub use channel::{ChannelSendError, Inbox, Incoming, Outbox, Payload, SlotLoan};
 pub use desc::{Meta, MsgKind, INLINE_CAPACITY};
