@@ -294,6 +294,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::proptest_config())]
+
         // shm[verify shm.ring.desc-layout]
         #[test]
         fn every_descriptor_round_trips(

@@ -685,6 +685,7 @@ mod tests {
     // shm[verify shm.wake.host-bell]
     // shm[verify shm.doorbell.ring]
     #[test]
+    #[cfg_attr(miri, ignore = "ioctl on a socketpair: not in Miri")]
     fn the_host_bell_rings_only_a_parked_host() {
         let seg = segment(SegmentConfig::default());
         let h = seg.header();

@@ -580,6 +580,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn a_large_payload_round_trips_between_wake_bytes_and_leaves_no_fd() {
         const NAME: &CStr = c"shmhub-large-t-round-trip";
         const LEN: usize = 5 << 20;
@@ -649,6 +650,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn an_unfinished_buffer_is_closed_on_drop() {
         const NAME: &CStr = c"shmhub-large-t-unfinished";
         let before = memfds_named(NAME);
@@ -662,6 +664,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn fds_sent_back_to_back_arrive_in_order() {
         const NAME: &CStr = c"shmhub-large-t-order";
         let (tx, rx) = pair().unwrap();
@@ -680,6 +683,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn unsealed_mismatched_and_foreign_fds_are_refused() {
         const NAME: &CStr = c"shmhub-large-t-refusals";
         let size = (LARGE_HEADER_LEN + 10) as u64;
@@ -785,6 +789,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn a_view_outlives_everything_on_the_sending_side() {
         const NAME: &CStr = c"shmhub-large-t-outlives";
         const LEN: usize = 300_000;
@@ -810,6 +815,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn at_most_max_queued_fds_are_kept_and_the_rest_closed() {
         const NAME: &CStr = c"shmhub-large-t-bound";
         let total = MAX_QUEUED_FDS + 3;
@@ -838,6 +844,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn a_truncated_control_message_keeps_what_fit_and_still_rings() {
         const NAME: &CStr = c"shmhub-large-t-ctrunc";
         let (tx, rx) = pair().unwrap();
@@ -864,6 +871,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn quiet_rang_and_hung_up() {
         let (tx, rx) = pair().unwrap();
         let mut fds = VecDeque::new();
@@ -879,6 +887,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and SCM_RIGHTS: not in Miri")]
     fn a_full_socket_is_would_block() {
         const NAME: &CStr = c"shmhub-large-t-full";
         let (tx, rx) = pair().unwrap();

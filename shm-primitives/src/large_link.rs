@@ -244,6 +244,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: not in Miri")]
     fn files_are_matched_by_number_and_orphans_are_dropped() {
         let (tx, rx) = pair().unwrap();
         let (mut out, mut inbox) = (LargeOutbox::default(), LargeInbox::default());
@@ -267,6 +268,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: not in Miri")]
     fn a_wrong_length_or_an_oversized_one_is_a_violation() {
         let (tx, rx) = pair().unwrap();
         let (mut out, mut inbox) = (LargeOutbox::default(), LargeInbox::default());

@@ -518,6 +518,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::proptest_config())]
+
         // shm[verify shm.layout.guest-area]
         #[test]
         fn random_configurations_are_aligned_disjoint_and_exact(

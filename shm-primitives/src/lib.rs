@@ -28,8 +28,22 @@ pub mod view;
 pub mod violation;
 pub mod wait;
 
-#[cfg(test)]
+// Not under Miri: loom runs each thread on a stack of its own (its `generator`
+// dependency calls getrlimit and switches stacks in assembly), which Miri cannot run.
+#[cfg(all(test, not(miri)))]
 mod models;
+
+/// Proptest's configuration for this crate's unit tests: its default case count
+/// (`PROPTEST_CASES` overrides it), but a handful under Miri, where one case of these
+/// tests takes from half a second to seconds.
+#[cfg(test)]
+fn proptest_config() -> proptest::test_runner::Config {
+    let default = proptest::test_runner::Config::default();
+    proptest::test_runner::Config {
+        cases: if cfg!(miri) { 8 } else { default.cases },
+        ..default
+    }
+}
 
 pub use broadcast::{BroadcastPool, BroadcastRef, PeerSet};
 pub use channel::{ChannelSendError, Inbox, Incoming, Outbox, Payload, SlotLoan};

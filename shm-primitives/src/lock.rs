@@ -74,6 +74,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "F_OFD_SETLK locks: not in Miri")]
     fn a_lock_conflicts_across_open_file_descriptions_and_dies_with_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");

@@ -309,6 +309,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: not in Miri")]
     fn seals_are_read_and_an_unsealable_file_has_none() {
         assert_eq!(seals(memfd(0).as_fd()).unwrap(), 0);
         let sealed = memfd(SEGMENT_SEALS);
@@ -326,6 +327,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: not in Miri")]
     fn data_and_descriptors_travel_in_one_message() {
         let (tx, rx) = pair().unwrap();
         let (a, b) = (memfd(0), memfd(0));

@@ -290,6 +290,7 @@ mod tests {
     // shm[verify shm.file.mmap-windows]
     // shm[verify shm.file.mmap-posix]
     #[test]
+    #[cfg_attr(miri, ignore = "file-backed mmap: not in Miri")]
     fn file_mappings_are_shared_where_supported() {
         assert_eq!(MmapRegion::supported(), cfg!(unix));
         let file = tempfile::tempfile().unwrap();

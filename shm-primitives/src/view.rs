@@ -457,6 +457,7 @@ mod tests {
 
     // shm[verify shm.msg.large]
     #[test]
+    #[cfg_attr(miri, ignore = "memfd_create: not in Miri")]
     fn a_sealed_large_payload_is_a_plain_slice() {
         let mut buf = crate::large::LargeBuffer::create(5).unwrap();
         assert!(buf.write_at(0, b"large"));
