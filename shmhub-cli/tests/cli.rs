@@ -740,7 +740,7 @@ fn damaged_files_are_typed_errors_and_hostile_values_are_shown_as_invalid() {
         put_u32(b, peer + 12, 6); // SlotIndex
         put_u64(b, to_guest + 64, 10); // head past tail
         put_u64(b, to_guest, 3);
-        put_u64(b, to_host, u64::MAX); // tail - head wraps far past the capacity
+        put_u64(b, to_host, u64::MAX - 1); // tail - head wraps far past the capacity (MAX would be one behind head 0: an empty ring)
         put_u64(b, words, 9); // no such slot state
         put_u64(b, words + 8, (3 << 32) | 1); // Loaned(3)
         put_u64(b, layout.broadcast_offset, 3); // Received: not a broadcast state
