@@ -121,23 +121,37 @@ pub enum Violation {
     },
 }
 
+/// Each violation's name and the spec rule it breaks, at index `code − 1`: what a
+/// reader of a peer's `fault` field needs without a [`Violation`] in hand.
+const BY_CODE: [(&str, &str); 14] = [
+    ("PeerWord", "shm.peer.states"),
+    ("RingIndex", "shm.ring.validate"),
+    ("DescSequence", "shm.ring.validate"),
+    ("DescKind", "shm.ring.desc-layout"),
+    ("InlineLen", "shm.msg.inline"),
+    ("SlotIndex", "shm.msg.slot"),
+    ("SlotLen", "shm.msg.slot"),
+    ("SlotState", "shm.slot.claim"),
+    ("FreeList", "shm.slot.free-list"),
+    ("SlotClass", "shm.slot.classes"),
+    ("DescFlags", "shm.ring.desc-layout"),
+    ("Large", "shm.msg.large"),
+    ("Broadcast", "shm.broadcast.refcount"),
+    ("PeerTransition", "shm.peer.observed"),
+];
+
 impl Violation {
     /// The spec rule this violation breaks.
     pub fn rule(&self) -> &'static str {
-        match self {
-            Violation::PeerWord { .. } => "shm.peer.states",
-            Violation::RingIndex { .. } | Violation::DescSequence { .. } => "shm.ring.validate",
-            Violation::DescKind { .. } => "shm.ring.desc-layout",
-            Violation::InlineLen { .. } => "shm.msg.inline",
-            Violation::SlotIndex { .. } | Violation::SlotLen { .. } => "shm.msg.slot",
-            Violation::SlotState { .. } => "shm.slot.claim",
-            Violation::FreeList { .. } => "shm.slot.free-list",
-            Violation::SlotClass { .. } => "shm.slot.classes",
-            Violation::DescFlags { .. } => "shm.ring.desc-layout",
-            Violation::Large { .. } => "shm.msg.large",
-            Violation::Broadcast { .. } => "shm.broadcast.refcount",
-            Violation::PeerTransition { .. } => "shm.peer.observed",
-        }
+        BY_CODE[self.code() as usize - 1].1
+    }
+
+    /// The name and rule of the violation whose [`code`](Self::code) is `code`;
+    /// `None` for 0 and for any code no violation has (a `fault` field is
+    /// guest-writable: it may hold anything).
+    pub fn describe_code(code: u32) -> Option<(&'static str, &'static str)> {
+        let i = usize::try_from(code).ok()?.checked_sub(1)?;
+        BY_CODE.get(i).copied()
     }
 
     /// A non-zero code the host writes into the fenced peer's `fault` field.
@@ -245,6 +259,7 @@ mod tests {
             .filter(|l| l[4..].split(' ').next().unwrap().parse::<u32>().is_ok())
             .collect();
         let all = every();
+        let all_len = all.len() as u32;
         assert_eq!(rows.len(), all.len(), "one table row per violation");
         for v in all {
             let debug = format!("{v:?}");
@@ -253,6 +268,7 @@ mod tests {
                 .iter()
                 .find(|r| r.contains(&format!("| `{name}` |")))
                 .unwrap_or_else(|| panic!("no row for {name}"));
+            assert_eq!(Violation::describe_code(v.code()), Some((name, v.rule())));
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
             assert_eq!(cells[1], v.code().to_string(), "{name}: code");
             assert_eq!(
@@ -261,5 +277,8 @@ mod tests {
                 "{name}: rule"
             );
         }
+        assert_eq!(Violation::describe_code(0), None);
+        assert_eq!(Violation::describe_code(all_len + 1), None);
+        assert_eq!(Violation::describe_code(u32::MAX), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use shmhub::primitives::header::{HOST_CLOSED, MAGIC};
 use shmhub::primitives::slot::SlotState;
-use shmhub::primitives::{Direction, PeerId, PeerState, Segment};
+use shmhub::primitives::{Direction, PeerId, PeerState, Segment, Violation};
 
 use crate::json::Json;
 use crate::probe::{self, HostLiveness};
@@ -157,29 +157,9 @@ struct BroadcastSlot {
     holders: Vec<u8>,
 }
 
-/// Names of the violation codes the host writes into `fault` (`Violation::code`), with
-/// the rule each breaks; `fault_names_match_the_library` keeps this in step.
-const FAULTS: [(&str, &str); 14] = [
-    ("PeerWord", "shm.peer.states"),
-    ("RingIndex", "shm.ring.validate"),
-    ("DescSequence", "shm.ring.validate"),
-    ("DescKind", "shm.ring.desc-layout"),
-    ("InlineLen", "shm.msg.inline"),
-    ("SlotIndex", "shm.msg.slot"),
-    ("SlotLen", "shm.msg.slot"),
-    ("SlotState", "shm.slot.claim"),
-    ("FreeList", "shm.slot.free-list"),
-    ("SlotClass", "shm.slot.classes"),
-    ("DescFlags", "shm.ring.desc-layout"),
-    ("Large", "shm.msg.large"),
-    ("Broadcast", "shm.broadcast.refcount"),
-    ("PeerTransition", "shm.peer.observed"),
-];
-
 /// The violation a `fault` code names, and its rule.
 fn fault_name(code: u32) -> Option<(&'static str, &'static str)> {
-    let i = usize::try_from(code).ok()?.checked_sub(1)?;
-    FAULTS.get(i).copied()
+    Violation::describe_code(code)
 }
 
 const DIRS: [Direction; 2] = [Direction::ToGuest, Direction::ToHost];
@@ -711,77 +691,8 @@ pub fn error_obj(e: &InspectError) -> Json {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shmhub::primitives::Violation;
-
-    #[test]
-    fn fault_names_match_the_library() {
-        let all = [
-            Violation::PeerWord { raw: 0 },
-            Violation::RingIndex {
-                head: 0,
-                tail: 0,
-                capacity: 0,
-            },
-            Violation::DescSequence {
-                expected: 0,
-                found: 0,
-            },
-            Violation::DescKind { kind: 0 },
-            Violation::InlineLen { len: 0, max: 0 },
-            Violation::SlotIndex { index: 0, count: 0 },
-            Violation::SlotLen {
-                len: 0,
-                slot_size: 0,
-            },
-            Violation::SlotState {
-                index: 0,
-                generation: 0,
-                found: 0,
-            },
-            Violation::FreeList { found: 0 },
-            Violation::SlotClass {
-                class: 0,
-                classes: 0,
-            },
-            Violation::DescFlags { flags: 0 },
-            Violation::Large { seq: 0, reason: "" },
-            Violation::Broadcast {
-                index: 0,
-                generation: 0,
-                found: 0,
-            },
-            Violation::PeerTransition {
-                generation: 0,
-                found: 0,
-            },
-        ];
-        assert_eq!(all.len(), FAULTS.len());
-        for v in all {
-            // Fails to compile when the library grows a violation this table lacks.
-            match v {
-                Violation::PeerWord { .. }
-                | Violation::RingIndex { .. }
-                | Violation::DescSequence { .. }
-                | Violation::DescKind { .. }
-                | Violation::InlineLen { .. }
-                | Violation::SlotIndex { .. }
-                | Violation::SlotLen { .. }
-                | Violation::SlotState { .. }
-                | Violation::FreeList { .. }
-                | Violation::SlotClass { .. }
-                | Violation::DescFlags { .. }
-                | Violation::Large { .. }
-                | Violation::Broadcast { .. }
-                | Violation::PeerTransition { .. } => {}
-            }
-            let (name, rule) = fault_name(v.code()).expect("every code is named");
-            assert_eq!(rule, v.rule(), "{v:?}");
-            assert!(format!("{v:?}").starts_with(name), "{v:?} is {name}");
-        }
-        assert_eq!(fault_name(0), None);
-        assert_eq!(fault_name(15), None);
-        assert_eq!(fault_name(u32::MAX), None);
-    }
+    // Every code's name and rule: `violation::tests::codes_and_rules_match_the_spec_table`
+    // in shm-primitives, whose table `fault_name` reads.
 
     #[test]
     fn a_depth_beyond_the_capacity_is_invalid() {
