@@ -28,6 +28,15 @@ pub fn arg(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("child needs env {name}"))
 }
 
+/// Attaches a child guest as its parent said in `VIA`: with the spawn ticket in its
+/// environment (`ticket`), otherwise by the path in `SEG`.
+pub fn attach_as_told() -> Result<shm_guest::ShmGuest, shm_guest::AttachError> {
+    match arg("VIA").as_str() {
+        "ticket" => shm_guest::ShmGuest::from_env(),
+        _ => shm_guest::ShmGuest::attach_path(arg("SEG")),
+    }
+}
+
 /// Tells the parent something: one `@`-prefixed line on stdout.
 pub fn tell(line: &str) {
     let mut out = std::io::stdout().lock();

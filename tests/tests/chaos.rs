@@ -26,8 +26,9 @@ use shm_host::{
 };
 use shm_primitives::Segment;
 use shmhub_tests::{
-    arg, hear, open_fds, our_shm_files, pattern, role, role_command, secs_from_env, seed_from_env,
-    send_checked, shared_mappings, tell, watch_segment, watchdog, Proc, Rng, ShmPath, Talk,
+    arg, attach_as_told, hear, open_fds, our_shm_files, pattern, role, role_command, secs_from_env,
+    seed_from_env, send_checked, shared_mappings, tell, watch_segment, watchdog, Proc, Rng,
+    ShmPath, Talk,
 };
 
 const TEST: &str = "guests_attaching_working_and_dying_at_random_leave_nothing_behind";
@@ -74,10 +75,7 @@ fn reversed(payload: &[u8]) -> Vec<u8> {
 /// channel on which the parent's later lines ("leave") arrive.
 fn attach() -> (ShmGuest, mpsc::Receiver<String>) {
     watchdog();
-    let guest = match arg("VIA").as_str() {
-        "ticket" => ShmGuest::from_env().unwrap(),
-        _ => ShmGuest::attach_path(arg("SEG")).unwrap(),
-    };
+    let guest = attach_as_told().unwrap();
     tell(&format!(
         "attached {} {}",
         guest.peer_id().get(),

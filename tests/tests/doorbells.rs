@@ -19,8 +19,8 @@ use shm_host::{
 use shm_primitives::doorbell::{self, Drained, Hello, NOT_PARKED, PARKED_DOORBELL};
 use shm_primitives::Segment;
 use shmhub_tests::{
-    arg, hear, pattern, poll_until, ring_header, role, role_command, tell, watch_segment, watchdog,
-    Proc, ShmPath,
+    arg, attach_as_told, hear, pattern, poll_until, ring_header, role, role_command, tell,
+    watch_segment, watchdog, Proc, ShmPath,
 };
 
 /// A child's deadline.
@@ -209,10 +209,7 @@ const WOKEN: &str = "an_armed_guest_is_woken_through_its_doorbell";
 fn sleeper_main() {
     watchdog();
     let via = arg("VIA");
-    let mut g = match via.as_str() {
-        "ticket" => ShmGuest::from_env().unwrap(),
-        _ => ShmGuest::attach_path(arg("SEG")).unwrap(),
-    };
+    let mut g = attach_as_told().unwrap();
     // Its fd is its doorbell.
     assert_eq!(g.as_raw_fd(), g.doorbell().as_raw_fd());
     assert_eq!(g.as_fd().as_raw_fd(), g.doorbell().as_raw_fd());

@@ -16,8 +16,8 @@ use shm_host::{
 };
 use shm_primitives::Segment;
 use shmhub_tests::{
-    arg, hear, pattern, poll_until, role, role_command, slot_states, tell, watch_segment, watchdog,
-    Proc, ShmPath, SlotStates, Talk,
+    arg, attach_as_told, hear, pattern, poll_until, role, role_command, slot_states, tell,
+    watch_segment, watchdog, Proc, ShmPath, SlotStates, Talk,
 };
 
 const LONG: Duration = Duration::from_secs(20);
@@ -66,10 +66,7 @@ impl Lines for Talk {
 
 fn attach() -> ShmGuest {
     watchdog();
-    let guest = match arg("VIA").as_str() {
-        "ticket" => ShmGuest::from_env().unwrap(),
-        _ => ShmGuest::attach_path(arg("SEG")).unwrap(),
-    };
+    let guest = attach_as_told().unwrap();
     tell(&format!(
         "attached {} {}",
         guest.peer_id().get(),

@@ -12,8 +12,8 @@ use shm_host::{
 };
 use shm_primitives::crash::{CrashPoint, CRASH_ENV, CRASH_SKIP_ENV};
 use shmhub_tests::{
-    arg, guest_parked, hear, mono_ns, open_fds, our_shm_files, pattern, plant_segment, poll_until,
-    role, role_command, tell, watch_segment, watchdog, Proc, ShmPath,
+    arg, attach_as_told, guest_parked, hear, mono_ns, open_fds, our_shm_files, pattern,
+    plant_segment, poll_until, role, role_command, tell, watch_segment, watchdog, Proc, ShmPath,
 };
 
 const PING: u32 = 1;
@@ -169,16 +169,12 @@ const VICTIM_SENDS: u64 = 3;
 fn victim_main() {
     watchdog();
     let point = arg("POINT");
-    let attach = || match arg("VIA").as_str() {
-        "ticket" => ShmGuest::from_env(),
-        _ => ShmGuest::attach_path(arg("SEG")),
-    };
     if point == CrashPoint::AfterClaim.name() {
         tell(&format!("crashing {}", mono_ns()));
-        let survived = attach().map(|g| g.peer_id());
+        let survived = attach_as_told().map(|g| g.peer_id());
         panic!("survived its crash point: {survived:?}");
     }
-    let mut guest = attach().unwrap();
+    let mut guest = attach_as_told().unwrap();
     guest.set_wait_policy(WaitPolicy::BLOCK);
     tell(&format!(
         "attached {} {}",
@@ -430,10 +426,7 @@ const HOST_DEATH: &str = "guests_of_a_killed_host_get_a_typed_error_promptly";
 fn parked_guest_main() {
     watchdog();
     let via = arg("VIA");
-    let mut guest = match via.as_str() {
-        "ticket" => ShmGuest::from_env().unwrap(),
-        _ => ShmGuest::attach_path(arg("SEG")).unwrap(),
-    };
+    let mut guest = attach_as_told().unwrap();
     guest.set_wait_policy(WaitPolicy::BLOCK);
     tell(&format!("parking {via} {}", guest.peer_id().get()));
     let mut buf = Vec::new();
