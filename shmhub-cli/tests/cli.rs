@@ -746,6 +746,10 @@ fn damaged_files_are_typed_errors_and_hostile_values_are_shown_as_invalid() {
         put_u64(b, layout.broadcast_offset, 3); // Received: not a broadcast state
         put_u32(b, layout.broadcast_offset + 8, 5); // reserved: shown nowhere
         put_u64(b, layout.broadcast_offset + 16, 0b101);
+        // Released (Sent, no holder bit that names a guest): free, not busy.
+        put_u64(b, layout.broadcast_offset + 64, (4 << 32) | 2);
+        put_u64(b, layout.broadcast_offset + 128, (4 << 32) | 2);
+        put_u64(b, layout.broadcast_offset + 128 + 16 + 24, 1 << 63);
         put_u64(b, layout.peer_offset(1), 42); // entry 2: no such state either
     });
     let path = dir.seg("hostile");
@@ -772,6 +776,14 @@ fn damaged_files_are_typed_errors_and_hostile_values_are_shown_as_invalid() {
         (&busy["state"], &busy["holders"]),
         (&"invalid".into(), &serde_json::json!([1, 3]))
     );
+    let b = &doc["broadcast"];
+    assert_eq!(
+        b["busy"].as_array().unwrap().len(),
+        1,
+        "released slots are not busy"
+    );
+    let slots = u64::from(layout.config.broadcast_slots);
+    assert_eq!((&b["free"], &b["sent"]), (&(slots - 1).into(), &0.into()));
     let text = shmhub(&["inspect", path.to_str().unwrap()]).ok().stdout;
     let cols = peer_row(&text, 1);
     assert_eq!(
