@@ -47,17 +47,24 @@ fn log_deaths(host: &mut ShmHost) -> Deaths {
 /// Both kinds of child line readers.
 trait Lines {
     fn expect(&mut self, word: &str) -> String;
+    fn say(&mut self, line: &str);
 }
 
 impl Lines for Proc {
     fn expect(&mut self, word: &str) -> String {
         Proc::expect(self, word)
     }
+    fn say(&mut self, line: &str) {
+        Proc::say(self, line)
+    }
 }
 
 impl Lines for Talk {
     fn expect(&mut self, word: &str) -> String {
         Talk::expect(self, word)
+    }
+    fn say(&mut self, line: &str) {
+        Talk::say(self, line)
     }
 }
 
@@ -198,6 +205,10 @@ fn filler_main() {
             view
         })
         .collect();
+    // Hold every view until the host has seen its pools full: dropped any earlier, a
+    // view frees its slot and the host's extra send would find room.
+    tell("holding");
+    assert_eq!(hear(), "drop");
     drop(views);
     tell("done");
     guest.detach();
@@ -331,10 +342,12 @@ fn fill_exchange(host: &mut ShmHost, seg: &Segment, peer: PeerId, lines: &mut dy
         host.try_send(peer, Meta::new(FILL, n as u64), &pattern(9, n as u64, len))
             .unwrap_or_else(|e| panic!("slot {n} of the ToGuest pools: {e}"));
     }
+    lines.expect("holding");
     assert!(matches!(
         host.try_send(peer, Meta::new(FILL, 99), &[0; 100]),
         Err(shm_host::SendError::WouldBlockPool(p)) if p == peer
     ));
+    lines.say("drop");
     lines.expect("done");
     poll_until(LONG, "the filler's entry to be recycled", || {
         host.maintain();
