@@ -170,7 +170,7 @@ fn victim_main() {
     watchdog();
     let point = arg("POINT");
     if point == CrashPoint::AfterClaim.name() {
-        tell(&format!("crashing {}", mono_ns()));
+        die_when_told();
         let survived = attach_as_told().map(|g| g.peer_id());
         panic!("survived its crash point: {survived:?}");
     }
@@ -192,9 +192,29 @@ fn victim_main() {
         let woke = guest.recv(&mut buf, LONG);
         panic!("woke from its park: {woke:?}");
     }
-    tell(&format!("crashing {}", mono_ns()));
+    die_when_told();
     let survived = guest.send(Meta::new(JUNK, VICTIM_SENDS), &big, LONG);
     panic!("survived its crash point: {survived:?}");
+}
+
+/// In a victim about to reach its crash point: says `ready`, waits for `die`, and says
+/// when it goes on to die (see [`let_die`]).
+fn die_when_told() {
+    tell("ready");
+    assert_eq!(hear(), "die");
+    tell(&format!("crashing {}", mono_ns()));
+}
+
+/// The host's side of [`die_when_told`]: serves until the victim is ready, then lets
+/// it die and waits until it is reaped without calling into the host. A liveness pass
+/// polls the doorbells first and tests the locks after, so a guest that died between
+/// the two would be found by its lock alone, whatever doorbell it had. Returns the
+/// victim's exit status and the time it said it goes on to die.
+fn let_die(srv: &mut Server, victim: &mut Proc) -> (std::process::ExitStatus, u64) {
+    assert_eq!(srv.serve_until_line(victim), "ready");
+    victim.say("die");
+    let died_at = parse_kv(victim.expect("crashing").as_str())[0];
+    (victim.wait(), died_at)
 }
 
 const MATRIX: &str = "every_crash_point_is_recovered_exactly";
@@ -234,10 +254,9 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
     let received_before = srv.from_victims;
     // Messages the host sends the victim and the victim never consumes.
     let mut sent_to_victim = 0;
-    let died_at;
+    let (status, died_at);
     if point == Point::Injected(CrashPoint::AfterClaim) {
-        let line = srv.serve_until_line(&mut victim);
-        died_at = parse_kv(line.strip_prefix("crashing").unwrap())[0];
+        (status, died_at) = let_die(srv, &mut victim);
     } else {
         let line = srv.serve_until_line(&mut victim);
         let v = parse_kv(line.strip_prefix("attached").unwrap());
@@ -258,9 +277,8 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
             }
         }
         victim.say("go");
-        let line = srv.serve_until_line(&mut victim);
         if point == Point::Parked {
-            assert_eq!(line, "parking");
+            assert_eq!(srv.serve_until_line(&mut victim), "parking");
             let view = watch_segment(path);
             let limit = Instant::now() + Duration::from_secs(20);
             while !guest_parked(&view, h.id.index()) {
@@ -268,18 +286,18 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
                 srv.serve_once();
             }
             died_at = mono_ns();
-            victim.kill();
+            // Reaped before the host looks again, as in `let_die`.
+            status = victim.kill();
         } else {
-            died_at = parse_kv(line.strip_prefix("crashing").unwrap())[0];
+            (status, died_at) = let_die(srv, &mut victim);
         }
     }
-    let (death, detected_at) = srv.serve_until_deaths(deaths_before + 1);
-    let status = victim.wait();
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
         "the victim was SIGKILLed"
     );
+    let (death, detected_at) = srv.serve_until_deaths(deaths_before + 1);
     println!(
         "crash point {:<18} via {:<6}: detected by {:?} {:.2} ms after the victim's last word",
         point.name(),
