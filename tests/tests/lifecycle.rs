@@ -728,6 +728,7 @@ fn soak(rounds: u32) {
     let mut buf = Vec::new();
     let started = Instant::now();
     let mut worst = Duration::ZERO;
+    let mut with_status = 0;
     for round in 0..rounds {
         let mut cmd = role_command(SOAK, "soak-guest", &[], LONG);
         let spawned = host.spawn(&mut cmd).unwrap();
@@ -761,12 +762,18 @@ fn soak(rounds: u32) {
             (death.peer, death.generation),
             (spawned.handle.id, spawned.handle.generation)
         );
-        assert_eq!(death.exit.and_then(|s| s.signal()), Some(libc::SIGKILL));
+        // The doorbell can hang up a moment before the child is reapable: then the
+        // host reports the death without a status (and reaps the child later).
+        if let Some(status) = death.exit {
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+            with_status += 1;
+        }
         assert_eq!(death.abandoned + death.discarded, 0);
     }
     let elapsed = started.elapsed();
     println!(
-        "{rounds} rounds in {elapsed:?} ({:?} per round), slowest detection {worst:?}",
+        "{rounds} rounds in {elapsed:?} ({:?} per round), slowest detection {worst:?}, \
+         {with_status} deaths reported with the exit status",
         elapsed / rounds
     );
     // Nothing leaked: entries, slots, descriptors, files.
