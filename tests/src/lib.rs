@@ -263,6 +263,36 @@ pub fn open_fds() -> Vec<i32> {
     fds
 }
 
+/// Whether the child `pid` of this process has exited and can be reaped (it is not
+/// reaped here): every one of its threads is gone, so its descriptors are closed and
+/// its locks released. (A process whose main thread is a zombie may have another
+/// thread still exiting, holding them.)
+pub fn is_reapable(pid: u32) -> bool {
+    // SAFETY: siginfo_t is plain old data, valid when zeroed.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with WNOHANG | WNOWAIT only queries (it reaps nothing) and writes
+    // into the siginfo we own.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid filled the siginfo, or left it zeroed (no child was ready).
+    rc == 0 && unsafe { info.si_pid() } == pid as libc::pid_t
+}
+
+/// Waits, without calling into the host (so it detects nothing meanwhile), until the
+/// child `pid` the host spawned has exited and can be reaped: then its pidfd is
+/// readable, its doorbell hung up and its locks released by the time the host looks.
+pub fn until_reapable(pid: u32) {
+    poll_until(Duration::from_secs(10), "the child to exit", || {
+        is_reapable(pid).then_some(())
+    });
+}
+
 /// Entries of /dev/shm that belong to this process's tests.
 pub fn our_shm_files() -> Vec<String> {
     let mine = format!("shmhub-test-{}-", std::process::id());

@@ -12,12 +12,12 @@ use std::time::Duration;
 use shm_guest::ShmGuest;
 use shm_host::{
     Death, DeathCause, Direction, Meta, PeerHandle, PeerId, PeerState, SegmentConfig, ShmHost,
-    SlotClass, SlotClasses,
+    SlotClass, SlotClasses, SpawnedGuest,
 };
 use shm_primitives::Segment;
 use shmhub_tests::{
     arg, attach_as_told, hear, pattern, poll_until, role, role_command, slot_states, tell,
-    watch_segment, watchdog, Proc, ShmPath, SlotStates, Talk,
+    until_reapable, watch_segment, watchdog, Proc, ShmPath, SlotStates, Talk,
 };
 
 const LONG: Duration = Duration::from_secs(20);
@@ -303,17 +303,26 @@ fn await_death(
     death
 }
 
-/// A spawned guest's death: found through its pidfd or doorbell, reaped by the host.
+/// SIGKILLs a guest the host spawned and waits, without calling into the host, until
+/// it can be reaped: a liveness pass polls the pidfds and doorbells first and tests the
+/// locks after, so a guest that died between the two would be found by its lock.
+fn kill_spawned(host: &ShmHost, guest: SpawnedGuest) {
+    host.signal_guest(guest.handle, libc::SIGKILL).unwrap();
+    until_reapable(guest.pid);
+}
+
+/// A spawned guest's death (after `kill_spawned`): found through its pidfd or
+/// doorbell, reaped by the host.
 fn assert_spawned_death(death: &Death) {
     assert!(
         matches!(death.cause, DeathCause::ProcessExited | DeathCause::HungUp),
         "{:?}",
         death.cause
     );
-    // The doorbell can hang up a moment before the process is reapable.
-    if let Some(status) = death.exit {
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
-    }
+    let status = death
+        .exit
+        .expect("the host reaped the child and kept its status");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
 }
 
 /// The host's side of `filler_main`, for a guest on `peer` whose lines come through
@@ -363,7 +372,7 @@ fn spawn(
     test: &str,
     role: &str,
     envs: &[(&str, String)],
-) -> (PeerHandle, Talk) {
+) -> (SpawnedGuest, Talk) {
     let mut envs = envs.to_vec();
     envs.push(("VIA", "ticket".to_string()));
     let mut cmd = role_command(test, role, &envs, LONG);
@@ -375,7 +384,7 @@ fn spawn(
         attached,
         format!("{} {}", spawned.handle.id.get(), spawned.handle.generation)
     );
-    (spawned.handle, talk)
+    (spawned, talk)
 }
 
 fn dispatch() -> bool {
@@ -408,8 +417,8 @@ fn a_guest_killed_holding_a_loan_has_its_slot_reclaimed() {
     let mut host = ShmHost::create(seg.path(), config()).unwrap();
     let deaths = log_deaths(&mut host);
     let watch = watch_segment(seg.path());
-    let (handle, mut talk) = spawn(&mut host, LOAN, "holder", &[("HOLD", "loan".into())]);
-    let peer = handle.id;
+    let (holder, mut talk) = spawn(&mut host, LOAN, "holder", &[("HOLD", "loan".into())]);
+    let (handle, peer) = (holder.handle, holder.handle.id);
     host_warm_up(&mut host, peer, &mut talk);
     talk.expect("holding a loan");
     // 1000 bytes: one 4 KiB slot, Loaned; nothing else in use.
@@ -418,12 +427,12 @@ fn a_guest_killed_holding_a_loan_has_its_slot_reclaimed() {
         [(8, 0, 0, 0), (1, 1, 0, 0)]
     );
     assert_eq!(host.peer_usage(peer).unwrap().to_host_slots.in_use, 1);
-    host.signal_guest(handle, libc::SIGKILL).unwrap();
+    kill_spawned(&host, holder);
     let death = await_death(&mut host, &deaths, handle, (0, 0, 1));
     assert_spawned_death(&death);
     assert_all_free(&host, &watch, peer);
     let (next, mut talk) = spawn(&mut host, LOAN, "filler", &[]);
-    assert_eq!(next.id, peer, "the same entry, reused");
+    assert_eq!(next.handle.id, peer, "the same entry, reused");
     fill_exchange(&mut host, &watch, peer, &mut talk);
     assert_eq!(
         deaths.lock().unwrap().len(),
@@ -522,8 +531,8 @@ fn a_guest_killed_holding_a_loan_views_and_undelivered_messages_is_counted_exact
     let mut host = ShmHost::create(seg.path(), config()).unwrap();
     let deaths = log_deaths(&mut host);
     let watch = watch_segment(seg.path());
-    let (handle, mut talk) = spawn(&mut host, BOTH, "holder", &[("HOLD", "both".into())]);
-    let peer = handle.id;
+    let (holder, mut talk) = spawn(&mut host, BOTH, "holder", &[("HOLD", "both".into())]);
+    let (handle, peer) = (holder.handle, holder.handle.id);
     host_warm_up(&mut host, peer, &mut talk);
     for (n, &len) in VIEWS.iter().chain(&UNDELIVERED).enumerate() {
         host.try_send(peer, Meta::new(DATA, n as u64), &pattern(6, n as u64, len))
@@ -548,7 +557,7 @@ fn a_guest_killed_holding_a_loan_views_and_undelivered_messages_is_counted_exact
     let usage = host.peer_usage(peer).unwrap();
     assert_eq!((usage.to_guest_depth, usage.to_host_depth), (3, 3));
     let before = host.peer_info(peer).unwrap().stats;
-    host.signal_guest(handle, libc::SIGKILL).unwrap();
+    kill_spawned(&host, holder);
     let death = await_death(&mut host, &deaths, handle, (3, 3, 8));
     assert_spawned_death(&death);
     let stats = host.peer_info(peer).unwrap().stats;
@@ -567,7 +576,7 @@ fn a_guest_killed_holding_a_loan_views_and_undelivered_messages_is_counted_exact
     drop(view);
     assert_all_free(&host, &watch, peer);
     let (next, mut talk) = spawn(&mut host, BOTH, "filler", &[]);
-    assert_eq!(next.id, peer, "the same entry, reused");
+    assert_eq!(next.handle.id, peer, "the same entry, reused");
     fill_exchange(&mut host, &watch, peer, &mut talk);
     assert_eq!(deaths.lock().unwrap().len(), 1);
 }

@@ -2,7 +2,7 @@
 //! on the doorbell, across two processes, in both directions, with every byte
 //! compared and no descriptor or file left behind.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shm_guest::ShmGuest;
 use shm_host::{Meta, SegmentConfig, ShmHost};
@@ -115,6 +115,12 @@ fn large_payloads_travel_in_sealed_files_both_ways_and_leave_nothing() {
     assert_eq!(usage.to_guest_slots.in_use + usage.to_host_slots.in_use, 0);
     drop(host);
     drop(seg);
+    // The child's stdout pipe is closed by the thread that reads it once that thread
+    // has seen the end of the stream: maybe a moment after the child was reaped.
+    let settled = Instant::now() + LONG;
+    while open_fds() != fds_before && Instant::now() < settled {
+        std::thread::yield_now();
+    }
     assert_eq!(open_fds(), fds_before, "the host leaks no descriptor");
     assert!(our_shm_files().is_empty(), "no file in /dev/shm");
 }

@@ -170,7 +170,7 @@ fn victim_main() {
     watchdog();
     let point = arg("POINT");
     if point == CrashPoint::AfterClaim.name() {
-        tell(&format!("crashing {}", mono_ns()));
+        die_when_told();
         let survived = attach_as_told().map(|g| g.peer_id());
         panic!("survived its crash point: {survived:?}");
     }
@@ -192,9 +192,29 @@ fn victim_main() {
         let woke = guest.recv(&mut buf, LONG);
         panic!("woke from its park: {woke:?}");
     }
-    tell(&format!("crashing {}", mono_ns()));
+    die_when_told();
     let survived = guest.send(Meta::new(JUNK, VICTIM_SENDS), &big, LONG);
     panic!("survived its crash point: {survived:?}");
+}
+
+/// In a victim about to reach its crash point: says `ready`, waits for `die`, and says
+/// when it goes on to die (see [`let_die`]).
+fn die_when_told() {
+    tell("ready");
+    assert_eq!(hear(), "die");
+    tell(&format!("crashing {}", mono_ns()));
+}
+
+/// The host's side of [`die_when_told`]: serves until the victim is ready, then lets
+/// it die and waits until it is reaped without calling into the host. A liveness pass
+/// polls the doorbells first and tests the locks after, so a guest that died between
+/// the two would be found by its lock alone, whatever doorbell it had. Returns the
+/// victim's exit status and the time it said it goes on to die.
+fn let_die(srv: &mut Server, victim: &mut Proc) -> (std::process::ExitStatus, u64) {
+    assert_eq!(srv.serve_until_line(victim), "ready");
+    victim.say("die");
+    let died_at = parse_kv(victim.expect("crashing").as_str())[0];
+    (victim.wait(), died_at)
 }
 
 const MATRIX: &str = "every_crash_point_is_recovered_exactly";
@@ -234,10 +254,9 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
     let received_before = srv.from_victims;
     // Messages the host sends the victim and the victim never consumes.
     let mut sent_to_victim = 0;
-    let died_at;
+    let (status, died_at);
     if point == Point::Injected(CrashPoint::AfterClaim) {
-        let line = srv.serve_until_line(&mut victim);
-        died_at = parse_kv(line.strip_prefix("crashing").unwrap())[0];
+        (status, died_at) = let_die(srv, &mut victim);
     } else {
         let line = srv.serve_until_line(&mut victim);
         let v = parse_kv(line.strip_prefix("attached").unwrap());
@@ -258,9 +277,8 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
             }
         }
         victim.say("go");
-        let line = srv.serve_until_line(&mut victim);
         if point == Point::Parked {
-            assert_eq!(line, "parking");
+            assert_eq!(srv.serve_until_line(&mut victim), "parking");
             let view = watch_segment(path);
             let limit = Instant::now() + Duration::from_secs(20);
             while !guest_parked(&view, h.id.index()) {
@@ -268,18 +286,18 @@ fn crash_one(srv: &mut Server, path: &std::path::Path, point: Point, via: &str) 
                 srv.serve_once();
             }
             died_at = mono_ns();
-            victim.kill();
+            // Reaped before the host looks again, as in `let_die`.
+            status = victim.kill();
         } else {
-            died_at = parse_kv(line.strip_prefix("crashing").unwrap())[0];
+            (status, died_at) = let_die(srv, &mut victim);
         }
     }
-    let (death, detected_at) = srv.serve_until_deaths(deaths_before + 1);
-    let status = victim.wait();
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
         "the victim was SIGKILLed"
     );
+    let (death, detected_at) = srv.serve_until_deaths(deaths_before + 1);
     println!(
         "crash point {:<18} via {:<6}: detected by {:?} {:.2} ms after the victim's last word",
         point.name(),
@@ -546,6 +564,10 @@ fn guests_of_a_killed_host_get_a_typed_error_promptly() {
 }
 
 const HEARTBEAT: &str = "a_stopped_host_is_caught_by_the_heartbeat";
+/// The host's heartbeat interval there: a live host that a loaded machine leaves
+/// unscheduled for less than about 1.5 intervals must not look dead (it is stale after
+/// two).
+const BEAT: Duration = Duration::from_millis(500);
 
 // shm[verify shm.live.heartbeat]
 #[test]
@@ -553,7 +575,7 @@ fn a_stopped_host_is_caught_by_the_heartbeat() {
     if role().as_deref() == Some("beating-host") {
         watchdog();
         let mut host = ShmHost::create(arg("SEG"), SegmentConfig::default()).unwrap();
-        host.set_heartbeat(Some(Duration::from_millis(50)));
+        host.set_heartbeat(Some(BEAT));
         tell("ready");
         let mut buf = Vec::new();
         loop {
@@ -568,7 +590,7 @@ fn a_stopped_host_is_caught_by_the_heartbeat() {
     guest.set_wait_policy(WaitPolicy::BLOCK);
     let mut buf = Vec::new();
     // Alive and beating: idle receives time out quietly, well past two intervals.
-    let quiet_until = Instant::now() + Duration::from_millis(400);
+    let quiet_until = Instant::now() + 3 * BEAT;
     while Instant::now() < quiet_until {
         assert!(guest
             .recv(&mut buf, Duration::from_millis(50))
@@ -578,7 +600,7 @@ fn a_stopped_host_is_caught_by_the_heartbeat() {
     // SAFETY: kill(2) with a child's pid has no memory effects.
     assert_eq!(unsafe { libc::kill(host.pid() as i32, libc::SIGSTOP) }, 0);
     let stopped = Instant::now();
-    let err = guest.recv(&mut buf, Duration::from_secs(10)).unwrap_err();
+    let err = guest.recv(&mut buf, Duration::from_secs(20)).unwrap_err();
     let took = stopped.elapsed();
     assert!(
         matches!(
@@ -587,9 +609,9 @@ fn a_stopped_host_is_caught_by_the_heartbeat() {
         ),
         "a stopped host still holds its lock: only the heartbeat can tell ({err:?})"
     );
-    println!("stopped host seen as stale after {took:?} (interval 50 ms)");
-    assert!(took >= Duration::from_millis(50), "not before one interval");
-    assert!(took < Duration::from_secs(5), "within a generous bound");
+    println!("stopped host seen as stale after {took:?} (interval {BEAT:?})");
+    assert!(took >= BEAT, "not before one interval");
+    assert!(took < Duration::from_secs(10), "within a generous bound");
     host.kill();
 }
 
@@ -710,6 +732,7 @@ fn soak(rounds: u32) {
     let mut buf = Vec::new();
     let started = Instant::now();
     let mut worst = Duration::ZERO;
+    let mut with_status = 0;
     for round in 0..rounds {
         let mut cmd = role_command(SOAK, "soak-guest", &[], LONG);
         let spawned = host.spawn(&mut cmd).unwrap();
@@ -743,12 +766,18 @@ fn soak(rounds: u32) {
             (death.peer, death.generation),
             (spawned.handle.id, spawned.handle.generation)
         );
-        assert_eq!(death.exit.and_then(|s| s.signal()), Some(libc::SIGKILL));
+        // The doorbell can hang up a moment before the child is reapable: then the
+        // host reports the death without a status (and reaps the child later).
+        if let Some(status) = death.exit {
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+            with_status += 1;
+        }
         assert_eq!(death.abandoned + death.discarded, 0);
     }
     let elapsed = started.elapsed();
     println!(
-        "{rounds} rounds in {elapsed:?} ({:?} per round), slowest detection {worst:?}",
+        "{rounds} rounds in {elapsed:?} ({:?} per round), slowest detection {worst:?}, \
+         {with_status} deaths reported with the exit status",
         elapsed / rounds
     );
     // Nothing leaked: entries, slots, descriptors, files.

@@ -14,7 +14,9 @@ use shm_host::{
     Death, DeathCause, GuestOptions, Meta, PeerId, PeerState, Received, SegmentConfig, SendError,
     ShmHost, SpawnError,
 };
-use shmhub_tests::{arg, open_fds, poll_until, role, role_command, tell, watchdog, Proc, ShmPath};
+use shmhub_tests::{
+    arg, open_fds, poll_until, role, role_command, tell, until_reapable, watchdog, Proc, ShmPath,
+};
 
 const REPORT: u32 = 1;
 const HELLO: u32 = 2;
@@ -81,15 +83,6 @@ fn is_zombie(pid: u32) -> bool {
         .ok()
         .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
         .unwrap_or(false)
-}
-
-/// Waits, without calling into the host (so it detects nothing meanwhile), until the
-/// child `pid` the host spawned has exited: then its pidfd is readable and its
-/// doorbell hung up by the time the host looks.
-fn until_zombie(pid: u32) {
-    poll_until(Duration::from_secs(10), "the child to exit", || {
-        is_zombie(pid).then_some(())
-    });
 }
 
 /// Descriptors of this process that any exec'd child inherits whatever the library
@@ -545,7 +538,7 @@ fn a_dropped_ticket_or_a_child_that_exits_before_attaching_releases_the_reservat
     assert_eq!(spawned.handle.id, handle.id, "the lowest Empty entry again");
     assert_eq!(spawned.handle.generation, g + 1);
     // The host has not looked yet: it finds the child exited, not merely hung up.
-    until_zombie(spawned.pid);
+    until_reapable(spawned.pid);
     assert_eq!(
         entry(&host, spawned.handle.id),
         (Some(PeerState::Reserved), g + 1),
@@ -613,7 +606,7 @@ fn signal_guest_kills_through_the_pidfd_and_the_host_recovers() {
     host.signal_guest(old, libc::SIGKILL).unwrap();
     // Dead before the host looks again, so its exit status is there to be reaped
     // (see the test below for a death seen by the doorbell alone).
-    until_zombie(spawned.pid);
+    until_reapable(spawned.pid);
     poll_until(Duration::from_secs(5), "the death to be reported", || {
         if let Some(m) = host.recv(&mut buf, Duration::from_millis(10)).unwrap() {
             panic!("unexpected message {m:?}");
@@ -702,7 +695,7 @@ fn a_child_that_hangs_up_before_attaching_is_reaped_when_it_exits_later() {
     );
     // Now it exits: the host must still reap it.
     std::fs::write(go.path(), b"go").unwrap();
-    until_zombie(spawned.pid);
+    until_reapable(spawned.pid);
     until_reaped(&mut host, spawned.pid);
 }
 
