@@ -421,9 +421,16 @@ impl LargeView {
         match offset.checked_add(dst.len()) {
             Some(end) if end <= self.len => {
                 let src = self.map.at(LARGE_HEADER_LEN + offset);
-                // SAFETY: [offset, end) is inside the payload (checked above); dst is
-                // caller memory that cannot overlap our read-only mapping.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+                if self.write_sealed {
+                    // SAFETY: [offset, end) is inside the payload (checked above) and
+                    // sealed against writes; dst is caller memory that cannot overlap
+                    // our read-only mapping.
+                    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+                } else {
+                    // SAFETY: inside the payload, mapped while `self` lives; the
+                    // sender may still write it, and the copy is atomic for that.
+                    unsafe { crate::shared_copy::copy_from_shared(src, dst) };
+                }
                 true
             }
             _ => false,
@@ -434,9 +441,14 @@ impl LargeView {
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);
         // SAFETY: the payload is `len` bytes of our mapping; `out` has capacity for
-        // them, and they are all initialised by the copy before set_len.
+        // them, and they are all initialised by the copy before set_len. Unsealed, the
+        // sender may still write them: then the copy is atomic.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr(), out.as_mut_ptr(), self.len);
+            if self.write_sealed {
+                std::ptr::copy_nonoverlapping(self.as_ptr(), out.as_mut_ptr(), self.len);
+            } else {
+                crate::shared_copy::copy_from_shared_raw(self.as_ptr(), out.as_mut_ptr(), self.len);
+            }
             out.set_len(self.len);
         }
         out

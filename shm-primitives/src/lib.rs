@@ -22,6 +22,7 @@ pub mod peer;
 pub mod region;
 pub mod ring;
 pub mod segment;
+pub mod shared_copy;
 pub mod slot;
 pub mod ticket;
 pub mod view;

@@ -103,10 +103,12 @@ impl<'a> Region<'a> {
             return false;
         };
         out.reserve(len);
-        // SAFETY: the span is in bounds; `out` has capacity for `len` bytes after
-        // reserve, and they are all initialised by the copy before set_len.
+        // SAFETY: the span is in bounds and mapped while `self` lives (a peer may
+        // write it meanwhile: the copy is atomic, `shm.untrusted.payload-copy`); `out`
+        // has capacity for `len` bytes after reserve, all initialised by the copy
+        // before set_len.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr(), len);
+            crate::shared_copy::copy_from_shared_raw(src.as_ptr(), out.as_mut_ptr(), len);
             out.set_len(len);
         }
         true
@@ -117,9 +119,9 @@ impl<'a> Region<'a> {
     pub fn copy_in(&self, offset: usize, src: &[u8]) -> bool {
         match self.span(offset, src.len()) {
             Some(dst) => {
-                // SAFETY: in bounds (checked by span); src is a private buffer that
-                // cannot overlap the mapping's bytes we write.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), src.len()) };
+                // SAFETY: in bounds (checked by span) and mapped while `self` lives;
+                // a peer may touch the bytes meanwhile, and the copy is atomic.
+                unsafe { crate::shared_copy::copy_to_shared(src, dst.as_ptr()) };
                 true
             }
             None => false,

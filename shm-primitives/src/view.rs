@@ -203,15 +203,18 @@ impl Message {
             .checked_add(dst.len())
             .is_some_and(|end| end <= self.len());
         if fits {
-            // SAFETY: the range is inside the payload (checked), which stays mapped
-            // while `self` lives; `dst` is private memory, so they cannot overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.as_ptr().add(offset),
-                    dst.as_mut_ptr(),
-                    dst.len(),
-                )
-            };
+            match &self.body {
+                Body::Inline(data, _) => dst.copy_from_slice(&data[offset..][..dst.len()]),
+                Body::Large(v) => {
+                    v.copy_to(offset, dst);
+                }
+                // SAFETY: the range is inside the payload (checked), which stays
+                // mapped while `self` lives; a peer that breaks the protocol may
+                // write it meanwhile, and the copy is atomic for that.
+                Body::Slot(_) | Body::Broadcast(_) => unsafe {
+                    crate::shared_copy::copy_from_shared(self.as_ptr().add(offset), dst)
+                },
+            }
         }
         fits
     }
@@ -337,14 +340,10 @@ impl SlotBytes {
             .checked_add(src.len())
             .is_some_and(|end| end <= self.capacity);
         if fits {
-            // SAFETY: in bounds (checked); `src` is private memory, so no overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src.as_ptr(),
-                    self.ptr.as_ptr().add(offset),
-                    src.len(),
-                )
-            };
+            // SAFETY: in bounds (checked) of the loaned slot, mapped while the loan
+            // lives; a peer that breaks the protocol may touch it meanwhile, and the
+            // copy is atomic for that.
+            unsafe { crate::shared_copy::copy_to_shared(src, self.ptr.as_ptr().add(offset)) };
         }
         fits
     }
