@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
+use crate::futex::FutexWord32;
 use crate::layout::{
     LayoutError, SegmentConfig, SegmentLayout, SlotClass, SlotClasses, MAX_CLASSES,
 };
@@ -272,23 +273,14 @@ impl SegmentHeader {
 
     /// Guest, after publishing to the host: rings the host-wide bell only if the host
     /// is parked (no syscall otherwise): the futex, or the guest's `doorbell` when the
-    /// host waits on its doorbells.
-    // shm[impl shm.wake.host-bell]
-    // shm[impl shm.doorbell.ring]
+    /// host waits on its doorbells (`HostBell::ring`).
     #[inline]
     pub fn ring_host_bell(&self, doorbell: Option<BorrowedFd<'_>>) {
-        match self.host_parked.load(Ordering::SeqCst) {
-            0 => {}
-            PARKED_DOORBELL => {
-                if let Some(fd) = doorbell {
-                    crate::doorbell::ring(fd);
-                }
+        self.host_bell().ring(|| {
+            if let Some(fd) = doorbell {
+                crate::doorbell::ring(fd);
             }
-            _ => {
-                self.host_bell.fetch_add(1, Ordering::SeqCst);
-                crate::futex::wake_all(&self.host_bell);
-            }
-        }
+        });
     }
 
     /// Host, when it leaves: stores `HOST_CLOSED` (SeqCst, so a guest that parks after
@@ -325,8 +317,9 @@ impl SegmentHeader {
     }
 
     /// The bell the host parks on while no guest has anything for it.
+    #[inline]
     pub fn host_bell(&self) -> HostBell<'_> {
-        HostBell(self)
+        HostBell::new(&self.host_bell, &self.host_parked)
     }
 
     /// The segment's random id.
@@ -445,41 +438,78 @@ impl SegmentHeader {
     }
 }
 
-/// The host-wide bell (`shm.wake.host-bell`).
-#[derive(Debug, Clone, Copy)]
-pub struct HostBell<'a>(&'a SegmentHeader);
+/// The host-wide bell (`shm.wake.host-bell`): the header's `host_bell` (the futex
+/// word) and `host_parked` (the flag). Generic over their atomic type (the segment's
+/// `AtomicU32`) only so that the loom models (`crate::models`) run this very code over
+/// loom's atomics; products never name the parameter.
+#[derive(Debug)]
+pub struct HostBell<'a, W = AtomicU32> {
+    bell: &'a W,
+    parked: &'a W,
+}
 
-impl HostBell<'_> {
+impl<W> Clone for HostBell<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for HostBell<'_, W> {}
+
+impl<'a, W: FutexWord32> HostBell<'a, W> {
+    /// The bell over its futex word and its parked flag.
+    #[inline]
+    pub(crate) fn new(bell: &'a W, parked: &'a W) -> Self {
+        Self { bell, parked }
+    }
+
+    /// Guest, after publishing to the host: wakes the host only if it is parked (no
+    /// syscall otherwise), on the futex or, when it waits on its doorbells, through
+    /// `ring_doorbell` (which writes to this guest's doorbell).
+    // shm[impl shm.wake.host-bell]
+    // shm[impl shm.doorbell.ring]
+    #[inline]
+    pub(crate) fn ring(&self, ring_doorbell: impl FnOnce()) {
+        match self.parked.load(Ordering::SeqCst) {
+            0 => {}
+            PARKED_DOORBELL => ring_doorbell(),
+            _ => {
+                self.bell.futex_bump();
+                self.bell.futex_wake();
+            }
+        }
+    }
+
     /// Marks the host parked on its doorbells (SeqCst; the host re-checks every ring
     /// after this, then waits on its doorbell fd).
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
-        self.0.host_parked.store(PARKED_DOORBELL, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
+        self.parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        W::seq_cst_fence();
     }
 
     /// Clears the parked mark, if set.
     pub fn disarm_doorbell(&self) {
-        if self.0.host_parked.load(Ordering::Relaxed) != 0 {
-            self.0.host_parked.store(0, Ordering::Relaxed);
+        if self.parked.load(Ordering::Relaxed) != 0 {
+            self.parked.store(0, Ordering::Relaxed);
         }
     }
 }
 
-impl crate::wait::Bell for HostBell<'_> {
+impl<W: FutexWord32> crate::wait::Bell for HostBell<'_, W> {
     fn arm(&self) -> u32 {
-        self.0.host_parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
         // As every arm (`shm.wake.park`); the re-check's C1 loads are SeqCst as well.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.0.host_bell.load(Ordering::SeqCst)
+        W::seq_cst_fence();
+        self.bell.load(Ordering::SeqCst)
     }
 
     fn sleep(&self, snapshot: u32, timeout: Duration) {
-        crate::futex::wait(&self.0.host_bell, snapshot, timeout);
+        self.bell.futex_wait(snapshot, timeout);
     }
 
     fn disarm(&self) {
-        self.0.host_parked.store(0, Ordering::Relaxed);
+        self.parked.store(0, Ordering::Relaxed);
     }
 }
 
