@@ -231,44 +231,25 @@ impl SegmentHeader {
 
     /// Publishes the segment: a Release store of `READY_PUBLISHED` after everything
     /// else is written, then a shared-futex wake of any attacher sleeping on it.
-    // shm[impl shm.header.ready]
     pub fn publish(&self) {
-        // SeqCst (a Release at least) so the store is ordered before the waiter check.
-        self.ready.store(READY_PUBLISHED, Ordering::SeqCst);
-        if self.ready_waiters.load(Ordering::SeqCst) != 0 {
-            crate::futex::wake_all(&self.ready);
-        }
+        self.readiness().publish();
     }
 
     /// Acquire-loads the readiness word.
-    // shm[impl shm.header.ready]
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) == READY_PUBLISHED
+        self.readiness().is_ready()
     }
 
     /// Waits until the segment is published or `deadline` passes; returns whether it
     /// is ready. Sleeps on the readiness word with a shared futex (in bounded slices,
     /// re-checking each time), counted in `ready_waiters` so the creator knows to wake.
-    // shm[impl shm.attach.wait-ready]
     pub fn wait_ready(&self, deadline: Instant) -> bool {
-        if self.is_ready() {
-            return true;
-        }
-        self.ready_waiters.fetch_add(1, Ordering::SeqCst);
-        let ready = loop {
-            if self.ready.load(Ordering::SeqCst) == READY_PUBLISHED {
-                break true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break false;
-            }
-            let slice = (deadline - now).min(Duration::from_millis(50));
-            crate::futex::wait(&self.ready, READY_BUILDING, slice);
-        };
-        self.ready_waiters.fetch_sub(1, Ordering::SeqCst);
-        // Acquire so the creator's initialisation is visible to the caller.
-        ready && self.is_ready()
+        self.readiness().wait_ready(deadline)
+    }
+
+    /// The readiness word and its waiter count.
+    fn readiness(&self) -> Readiness<'_> {
+        Readiness::new(&self.ready, &self.ready_waiters)
     }
 
     /// Guest, after publishing to the host: rings the host-wide bell only if the host
@@ -435,6 +416,62 @@ impl SegmentHeader {
             }
         }
         Ok(layout)
+    }
+}
+
+/// The segment's readiness (`shm.header.ready`, `shm.attach.wait-ready`): the header's
+/// `ready` word and its `ready_waiters` count. Generic over their atomic type (the
+/// segment's `AtomicU32`) only so that the loom models (`crate::models`) run this very
+/// code over loom's atomics.
+#[derive(Debug)]
+pub(crate) struct Readiness<'a, W = AtomicU32> {
+    ready: &'a W,
+    waiters: &'a W,
+}
+
+impl<'a, W: FutexWord32> Readiness<'a, W> {
+    /// The readiness over its word and its waiter count.
+    pub(crate) fn new(ready: &'a W, waiters: &'a W) -> Self {
+        Self { ready, waiters }
+    }
+
+    /// [`SegmentHeader::publish`].
+    // shm[impl shm.header.ready]
+    pub(crate) fn publish(&self) {
+        // SeqCst (a Release at least) so the store is ordered before the waiter check.
+        self.ready.store(READY_PUBLISHED, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.ready.futex_wake();
+        }
+    }
+
+    /// [`SegmentHeader::is_ready`].
+    // shm[impl shm.header.ready]
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == READY_PUBLISHED
+    }
+
+    /// [`SegmentHeader::wait_ready`].
+    // shm[impl shm.attach.wait-ready]
+    pub(crate) fn wait_ready(&self, deadline: Instant) -> bool {
+        if self.is_ready() {
+            return true;
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let ready = loop {
+            if self.ready.load(Ordering::SeqCst) == READY_PUBLISHED {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            self.ready.futex_wait(READY_BUILDING, slice);
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        // Acquire so the creator's initialisation is visible to the caller.
+        ready && self.is_ready()
     }
 }
 

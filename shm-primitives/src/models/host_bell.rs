@@ -80,6 +80,14 @@ impl Atom for Word {
     fn cas(&self, c: u32, n: u32, s: Ordering, f: Ordering) -> Result<u32, u32> {
         self.0.compare_exchange(c, n, s, f)
     }
+
+    fn fetch_add(&self, v: u32, order: Ordering) -> u32 {
+        self.0.fetch_add(v, order)
+    }
+
+    fn fetch_sub(&self, v: u32, order: Ordering) -> u32 {
+        self.0.fetch_sub(v, order)
+    }
 }
 
 impl FutexWord32 for Word {

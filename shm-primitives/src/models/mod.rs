@@ -1,7 +1,8 @@
 //! Loom models of the concurrent protocols, run over the real code: the ring
 //! (`crate::ring`), the slot pool (`crate::slot`, with `crate::freelist`), the peer
 //! table (`crate::peer`), the park/wake protocol (`crate::wait` and the ring's bells)
-//! and the host-wide bell with the host's doorbell arm (`crate::header::HostBell`).
+//! the host-wide bell with the host's doorbell arm (`crate::header::HostBell`) and the
+//! segment's readiness (`crate::header::Readiness`).
 //! Those types are generic over their atomics (defaulting to the segment's); here they
 //! are instantiated with loom's, so loom explores the interleavings and the weak-memory
 //! outcomes of the very code products run. Like the other models in this crate they are
@@ -22,6 +23,7 @@
 
 mod host_bell;
 mod peer;
+mod ready;
 mod ring;
 mod slot;
 mod wake;
