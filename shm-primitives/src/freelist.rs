@@ -14,8 +14,8 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The atomic operations the free list needs, so that loom's atomics can stand in for
-/// the shared-memory ones in model checks.
+/// The atomic operations the free list (and the segment's readiness) need, so that
+/// loom's atomics can stand in for the shared-memory ones in model checks.
 pub trait Atom {
     /// The value type.
     type V: Copy;
@@ -31,6 +31,10 @@ pub trait Atom {
         success: Ordering,
         failure: Ordering,
     ) -> Result<Self::V, Self::V>;
+    /// Atomic add (wrapping), returning the previous value.
+    fn fetch_add(&self, v: Self::V, order: Ordering) -> Self::V;
+    /// Atomic subtract (wrapping), returning the previous value.
+    fn fetch_sub(&self, v: Self::V, order: Ordering) -> Self::V;
 }
 
 macro_rules! impl_atom {
@@ -48,6 +52,14 @@ macro_rules! impl_atom {
             #[inline]
             fn cas(&self, c: $v, n: $v, s: Ordering, f: Ordering) -> Result<$v, $v> {
                 <$t>::compare_exchange(self, c, n, s, f)
+            }
+            #[inline]
+            fn fetch_add(&self, v: $v, order: Ordering) -> $v {
+                <$t>::fetch_add(self, v, order)
+            }
+            #[inline]
+            fn fetch_sub(&self, v: $v, order: Ordering) -> $v {
+                <$t>::fetch_sub(self, v, order)
             }
         }
     };

@@ -42,6 +42,38 @@ impl FutexWord for AtomicU64 {
     }
 }
 
+/// A 32-bit word other processes can sleep on: the header's `host_bell`, or a
+/// stand-in in the loom models (which run the host bell's code over loom's atomics).
+pub trait FutexWord32: Atom<V = u32> {
+    /// [`wait`] on this word.
+    fn futex_wait(&self, expected: u32, timeout: Duration);
+    /// [`wake_all`] on this word.
+    fn futex_wake(&self);
+    /// Moves the word (SeqCst increment) before a wake, as [`FutexWord::futex_bump`].
+    fn futex_bump(&self);
+    /// A SeqCst fence in the memory model this word lives in.
+    fn seq_cst_fence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl FutexWord32 for AtomicU32 {
+    #[inline]
+    fn futex_wait(&self, expected: u32, timeout: Duration) {
+        wait(self, expected, timeout);
+    }
+
+    #[inline]
+    fn futex_wake(&self) {
+        wake_all(self);
+    }
+
+    #[inline]
+    fn futex_bump(&self) {
+        self.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Sleeps while `*word == expected`, for at most `timeout`. Returns on wake, on
 /// timeout, on a signal, or at once if the word already differs; callers re-check
 /// their condition in a loop.

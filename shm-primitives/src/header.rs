@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
+use crate::futex::FutexWord32;
 use crate::layout::{
     LayoutError, SegmentConfig, SegmentLayout, SlotClass, SlotClasses, MAX_CLASSES,
 };
@@ -230,65 +231,37 @@ impl SegmentHeader {
 
     /// Publishes the segment: a Release store of `READY_PUBLISHED` after everything
     /// else is written, then a shared-futex wake of any attacher sleeping on it.
-    // shm[impl shm.header.ready]
     pub fn publish(&self) {
-        // SeqCst (a Release at least) so the store is ordered before the waiter check.
-        self.ready.store(READY_PUBLISHED, Ordering::SeqCst);
-        if self.ready_waiters.load(Ordering::SeqCst) != 0 {
-            crate::futex::wake_all(&self.ready);
-        }
+        self.readiness().publish();
     }
 
     /// Acquire-loads the readiness word.
-    // shm[impl shm.header.ready]
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) == READY_PUBLISHED
+        self.readiness().is_ready()
     }
 
     /// Waits until the segment is published or `deadline` passes; returns whether it
     /// is ready. Sleeps on the readiness word with a shared futex (in bounded slices,
     /// re-checking each time), counted in `ready_waiters` so the creator knows to wake.
-    // shm[impl shm.attach.wait-ready]
     pub fn wait_ready(&self, deadline: Instant) -> bool {
-        if self.is_ready() {
-            return true;
-        }
-        self.ready_waiters.fetch_add(1, Ordering::SeqCst);
-        let ready = loop {
-            if self.ready.load(Ordering::SeqCst) == READY_PUBLISHED {
-                break true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break false;
-            }
-            let slice = (deadline - now).min(Duration::from_millis(50));
-            crate::futex::wait(&self.ready, READY_BUILDING, slice);
-        };
-        self.ready_waiters.fetch_sub(1, Ordering::SeqCst);
-        // Acquire so the creator's initialisation is visible to the caller.
-        ready && self.is_ready()
+        self.readiness().wait_ready(deadline)
+    }
+
+    /// The readiness word and its waiter count.
+    fn readiness(&self) -> Readiness<'_> {
+        Readiness::new(&self.ready, &self.ready_waiters)
     }
 
     /// Guest, after publishing to the host: rings the host-wide bell only if the host
     /// is parked (no syscall otherwise): the futex, or the guest's `doorbell` when the
-    /// host waits on its doorbells.
-    // shm[impl shm.wake.host-bell]
-    // shm[impl shm.doorbell.ring]
+    /// host waits on its doorbells (`HostBell::ring`).
     #[inline]
     pub fn ring_host_bell(&self, doorbell: Option<BorrowedFd<'_>>) {
-        match self.host_parked.load(Ordering::SeqCst) {
-            0 => {}
-            PARKED_DOORBELL => {
-                if let Some(fd) = doorbell {
-                    crate::doorbell::ring(fd);
-                }
+        self.host_bell().ring(|| {
+            if let Some(fd) = doorbell {
+                crate::doorbell::ring(fd);
             }
-            _ => {
-                self.host_bell.fetch_add(1, Ordering::SeqCst);
-                crate::futex::wake_all(&self.host_bell);
-            }
-        }
+        });
     }
 
     /// Host, when it leaves: stores `HOST_CLOSED` (SeqCst, so a guest that parks after
@@ -325,8 +298,9 @@ impl SegmentHeader {
     }
 
     /// The bell the host parks on while no guest has anything for it.
+    #[inline]
     pub fn host_bell(&self) -> HostBell<'_> {
-        HostBell(self)
+        HostBell::new(&self.host_bell, &self.host_parked)
     }
 
     /// The segment's random id.
@@ -445,41 +419,134 @@ impl SegmentHeader {
     }
 }
 
-/// The host-wide bell (`shm.wake.host-bell`).
-#[derive(Debug, Clone, Copy)]
-pub struct HostBell<'a>(&'a SegmentHeader);
+/// The segment's readiness (`shm.header.ready`, `shm.attach.wait-ready`): the header's
+/// `ready` word and its `ready_waiters` count. Generic over their atomic type (the
+/// segment's `AtomicU32`) only so that the loom models (`crate::models`) run this very
+/// code over loom's atomics.
+#[derive(Debug)]
+pub(crate) struct Readiness<'a, W = AtomicU32> {
+    ready: &'a W,
+    waiters: &'a W,
+}
 
-impl HostBell<'_> {
+impl<'a, W: FutexWord32> Readiness<'a, W> {
+    /// The readiness over its word and its waiter count.
+    pub(crate) fn new(ready: &'a W, waiters: &'a W) -> Self {
+        Self { ready, waiters }
+    }
+
+    /// [`SegmentHeader::publish`].
+    // shm[impl shm.header.ready]
+    pub(crate) fn publish(&self) {
+        // SeqCst (a Release at least) so the store is ordered before the waiter check.
+        self.ready.store(READY_PUBLISHED, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.ready.futex_wake();
+        }
+    }
+
+    /// [`SegmentHeader::is_ready`].
+    // shm[impl shm.header.ready]
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == READY_PUBLISHED
+    }
+
+    /// [`SegmentHeader::wait_ready`].
+    // shm[impl shm.attach.wait-ready]
+    pub(crate) fn wait_ready(&self, deadline: Instant) -> bool {
+        if self.is_ready() {
+            return true;
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let ready = loop {
+            if self.ready.load(Ordering::SeqCst) == READY_PUBLISHED {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            self.ready.futex_wait(READY_BUILDING, slice);
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        // Acquire so the creator's initialisation is visible to the caller.
+        ready && self.is_ready()
+    }
+}
+
+/// The host-wide bell (`shm.wake.host-bell`): the header's `host_bell` (the futex
+/// word) and `host_parked` (the flag). Generic over their atomic type (the segment's
+/// `AtomicU32`) only so that the loom models (`crate::models`) run this very code over
+/// loom's atomics; products never name the parameter.
+#[derive(Debug)]
+pub struct HostBell<'a, W = AtomicU32> {
+    bell: &'a W,
+    parked: &'a W,
+}
+
+impl<W> Clone for HostBell<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for HostBell<'_, W> {}
+
+impl<'a, W: FutexWord32> HostBell<'a, W> {
+    /// The bell over its futex word and its parked flag.
+    #[inline]
+    pub(crate) fn new(bell: &'a W, parked: &'a W) -> Self {
+        Self { bell, parked }
+    }
+
+    /// Guest, after publishing to the host: wakes the host only if it is parked (no
+    /// syscall otherwise), on the futex or, when it waits on its doorbells, through
+    /// `ring_doorbell` (which writes to this guest's doorbell).
+    // shm[impl shm.wake.host-bell]
+    // shm[impl shm.doorbell.ring]
+    #[inline]
+    pub(crate) fn ring(&self, ring_doorbell: impl FnOnce()) {
+        match self.parked.load(Ordering::SeqCst) {
+            0 => {}
+            PARKED_DOORBELL => ring_doorbell(),
+            _ => {
+                self.bell.futex_bump();
+                self.bell.futex_wake();
+            }
+        }
+    }
+
     /// Marks the host parked on its doorbells (SeqCst; the host re-checks every ring
     /// after this, then waits on its doorbell fd).
     // shm[impl shm.doorbell.arm]
     pub fn arm_doorbell(&self) {
-        self.0.host_parked.store(PARKED_DOORBELL, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
+        self.parked.store(PARKED_DOORBELL, Ordering::SeqCst);
+        W::seq_cst_fence();
     }
 
     /// Clears the parked mark, if set.
     pub fn disarm_doorbell(&self) {
-        if self.0.host_parked.load(Ordering::Relaxed) != 0 {
-            self.0.host_parked.store(0, Ordering::Relaxed);
+        if self.parked.load(Ordering::Relaxed) != 0 {
+            self.parked.store(0, Ordering::Relaxed);
         }
     }
 }
 
-impl crate::wait::Bell for HostBell<'_> {
+impl<W: FutexWord32> crate::wait::Bell for HostBell<'_, W> {
     fn arm(&self) -> u32 {
-        self.0.host_parked.store(PARKED_FUTEX, Ordering::SeqCst);
+        self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
         // As every arm (`shm.wake.park`); the re-check's C1 loads are SeqCst as well.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.0.host_bell.load(Ordering::SeqCst)
+        W::seq_cst_fence();
+        self.bell.load(Ordering::SeqCst)
     }
 
     fn sleep(&self, snapshot: u32, timeout: Duration) {
-        crate::futex::wait(&self.0.host_bell, snapshot, timeout);
+        self.bell.futex_wait(snapshot, timeout);
     }
 
     fn disarm(&self) {
-        self.0.host_parked.store(0, Ordering::Relaxed);
+        self.parked.store(0, Ordering::Relaxed);
     }
 }
 

@@ -1,6 +1,8 @@
 //! Loom models of the concurrent protocols, run over the real code: the ring
 //! (`crate::ring`), the slot pool (`crate::slot`, with `crate::freelist`), the peer
-//! table (`crate::peer`) and the park/wake protocol (`crate::wait` and the ring's bells).
+//! table (`crate::peer`), the park/wake protocol (`crate::wait` and the ring's bells)
+//! the host-wide bell with the host's doorbell arm (`crate::header::HostBell`) and the
+//! segment's readiness (`crate::header::Readiness`).
 //! Those types are generic over their atomics (defaulting to the segment's); here they
 //! are instantiated with loom's, so loom explores the interleavings and the weak-memory
 //! outcomes of the very code products run. Like the other models in this crate they are
@@ -19,17 +21,19 @@
 //! main thread's first access to the same word: a party run on the main thread right
 //! after the spawns is never overtaken at its start, and bugs there go unseen.
 
+mod host_bell;
 mod peer;
+mod ready;
 mod ring;
 mod slot;
 mod wake;
 
-use loom::sync::atomic::AtomicU64;
+use loom::sync::atomic::{AtomicU32, AtomicU64};
 use loom::sync::{Condvar, Mutex};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::futex::FutexWord;
+use crate::futex::{FutexWord, FutexWord32};
 
 /// Runs `f` under loom with at most `bound` preemptions (`None`: every interleaving),
 /// unless `LOOM_MAX_PREEMPTIONS` says otherwise. The models whose every interleaving
@@ -58,6 +62,31 @@ impl FutexWord for AtomicU64 {
         let (lock, sleepers) = &*FUTEX;
         let guard = lock.lock().unwrap();
         if self.load(Ordering::Relaxed) as u32 == expected {
+            drop(sleepers.wait(guard).unwrap());
+        }
+    }
+
+    fn futex_wake(&self) {
+        let (lock, sleepers) = &*FUTEX;
+        let _guard = lock.lock().unwrap();
+        sleepers.notify_all();
+    }
+
+    fn futex_bump(&self) {
+        self.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn seq_cst_fence() {
+        loom::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+/// The same futex stand-in over a 32-bit word (the header's host bell).
+impl FutexWord32 for AtomicU32 {
+    fn futex_wait(&self, expected: u32, _timeout: Duration) {
+        let (lock, sleepers) = &*FUTEX;
+        let guard = lock.lock().unwrap();
+        if self.load(Ordering::Relaxed) == expected {
             drop(sleepers.wait(guard).unwrap());
         }
     }
