@@ -4,33 +4,11 @@
 //! meaning for that kind while ignoring the reserved ones.
 
 use proptest::prelude::*;
-use shm_primitives::desc::{Body, DecodeError, Descriptor, DESC_SIZE, DESC_WORDS};
-use shm_primitives::{Meta, MsgKind, INLINE_CAPACITY};
+use shm_primitives::desc::{DecodeError, Descriptor, DESC_SIZE, DESC_WORDS};
+use shm_primitives::Meta;
 
-fn msg_kind() -> impl Strategy<Value = MsgKind> {
-    prop_oneof![
-        Just(MsgKind::Plain),
-        Just(MsgKind::Request),
-        Just(MsgKind::Response),
-        Just(MsgKind::Cancel),
-    ]
-}
-
-fn body() -> impl Strategy<Value = Body> {
-    prop_oneof![
-        any::<[u8; INLINE_CAPACITY]>().prop_map(Body::Inline),
-        (any::<u8>(), any::<u32>(), any::<u32>()).prop_map(|(class, index, generation)| {
-            Body::Slot {
-                class,
-                index,
-                generation,
-            }
-        }),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(index, generation)| Body::Broadcast { index, generation }),
-        any::<u64>().prop_map(|seq| Body::Large { seq }),
-    ]
-}
+mod common;
+use common::{body, msg_kind};
 
 /// Arbitrary words, half of them with `kind` and `msg_kind` near the valid range.
 fn words() -> impl Strategy<Value = [u64; DESC_WORDS]> {

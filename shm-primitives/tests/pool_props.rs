@@ -9,22 +9,15 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::Config;
 use shm_primitives::slot::{owner_word, SlotState};
 use shm_primitives::view::SlotBytes;
+
+mod common;
+use common::config;
 use shm_primitives::{
     ChannelSendError, Direction, HeapRegion, Inbox, Message, Meta, Outbox, Payload, PeerId, Pools,
     Segment, SegmentConfig, ShmBacking, SlotClass, SlotClasses, SlotLoan, INLINE_CAPACITY,
 };
-
-/// Proptest's default case count (`PROPTEST_CASES` overrides it), a handful under Miri.
-fn config() -> Config {
-    let default = Config::default();
-    Config {
-        cases: if cfg!(miri) { 8 } else { default.cases },
-        ..default
-    }
-}
 
 /// The guest sends, the host receives: the pools of the ToHost direction.
 const DIR: Direction = Direction::ToHost;

@@ -9,47 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proptest::test_runner::Config;
-use shm_primitives::desc::{Body, Descriptor};
+use shm_primitives::desc::Descriptor;
+
+mod common;
+use common::{body, config, msg_kind};
 use shm_primitives::ring::{Consumer, Producer, PushError, RingView};
 use shm_primitives::{
-    Direction, HeapRegion, Meta, MsgKind, PeerId, Segment, SegmentConfig, ShmBacking, Violation,
-    INLINE_CAPACITY,
+    Direction, HeapRegion, Meta, PeerId, Segment, SegmentConfig, ShmBacking, Violation,
 };
-
-/// Proptest's default case count (`PROPTEST_CASES` overrides it), a handful under Miri.
-fn config() -> Config {
-    let default = Config::default();
-    Config {
-        cases: if cfg!(miri) { 8 } else { default.cases },
-        ..default
-    }
-}
-
-fn msg_kind() -> impl Strategy<Value = MsgKind> {
-    prop_oneof![
-        Just(MsgKind::Plain),
-        Just(MsgKind::Request),
-        Just(MsgKind::Response),
-        Just(MsgKind::Cancel),
-    ]
-}
-
-fn body() -> impl Strategy<Value = Body> {
-    prop_oneof![
-        any::<[u8; INLINE_CAPACITY]>().prop_map(Body::Inline),
-        (any::<u8>(), any::<u32>(), any::<u32>()).prop_map(|(class, index, generation)| {
-            Body::Slot {
-                class,
-                index,
-                generation,
-            }
-        }),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(index, generation)| Body::Broadcast { index, generation }),
-        any::<u64>().prop_map(|seq| Body::Large { seq }),
-    ]
-}
 
 /// Any descriptor; its `seq` is left 0 for the push to set.
 fn descriptor() -> impl Strategy<Value = Descriptor> {
