@@ -8,13 +8,16 @@ use std::time::Duration;
 
 use crate::freelist::Atom;
 
-/// A 64-bit counter whose low half other processes can sleep on: the segment's
-/// `AtomicU64`, or a stand-in in the loom models (which run the ring and wait code
-/// over loom's atomics, where a real futex cannot be used).
-pub trait FutexWord: Atom<V = u64> {
-    /// [`wait_low_half`] on this word.
+/// A word other processes can sleep on: a 64-bit counter whose low half the kernel
+/// compares (the rings' counters and bells) or a 32-bit word (the header's host bell
+/// and readiness word), each the segment's atomic or a stand-in in the loom models
+/// (which run the ring, wait and header code over loom's atomics, where a real futex
+/// cannot be used).
+pub trait FutexWord: Atom {
+    /// Sleeps while the (low 32 bits of the) word equal `expected`, for at most
+    /// `timeout`: [`wait`] or [`wait_low_half`].
     fn futex_wait(&self, expected: u32, timeout: Duration);
-    /// [`wake_low_half`] on this word.
+    /// Wakes every waiter on the word: [`wake_all`] or [`wake_low_half`].
     fn futex_wake(&self);
     /// Moves the word (SeqCst increment) before a wake, so that a waiter whose
     /// snapshot is older does not go to sleep after the wake was sent.
@@ -42,22 +45,7 @@ impl FutexWord for AtomicU64 {
     }
 }
 
-/// A 32-bit word other processes can sleep on: the header's `host_bell`, or a
-/// stand-in in the loom models (which run the host bell's code over loom's atomics).
-pub trait FutexWord32: Atom<V = u32> {
-    /// [`wait`] on this word.
-    fn futex_wait(&self, expected: u32, timeout: Duration);
-    /// [`wake_all`] on this word.
-    fn futex_wake(&self);
-    /// Moves the word (SeqCst increment) before a wake, as [`FutexWord::futex_bump`].
-    fn futex_bump(&self);
-    /// A SeqCst fence in the memory model this word lives in.
-    fn seq_cst_fence() {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl FutexWord32 for AtomicU32 {
+impl FutexWord for AtomicU32 {
     #[inline]
     fn futex_wait(&self, expected: u32, timeout: Duration) {
         wait(self, expected, timeout);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::doorbell::{PARKED_DOORBELL, PARKED_FUTEX};
-use crate::futex::FutexWord32;
+use crate::futex::FutexWord;
 use crate::layout::{
     LayoutError, SegmentConfig, SegmentLayout, SlotClass, SlotClasses, MAX_CLASSES,
 };
@@ -429,7 +429,7 @@ pub(crate) struct Readiness<'a, W = AtomicU32> {
     waiters: &'a W,
 }
 
-impl<'a, W: FutexWord32> Readiness<'a, W> {
+impl<'a, W: FutexWord<V = u32>> Readiness<'a, W> {
     /// The readiness over its word and its waiter count.
     pub(crate) fn new(ready: &'a W, waiters: &'a W) -> Self {
         Self { ready, waiters }
@@ -493,7 +493,7 @@ impl<W> Clone for HostBell<'_, W> {
 
 impl<W> Copy for HostBell<'_, W> {}
 
-impl<'a, W: FutexWord32> HostBell<'a, W> {
+impl<'a, W: FutexWord<V = u32>> HostBell<'a, W> {
     /// The bell over its futex word and its parked flag.
     #[inline]
     pub(crate) fn new(bell: &'a W, parked: &'a W) -> Self {
@@ -533,7 +533,7 @@ impl<'a, W: FutexWord32> HostBell<'a, W> {
     }
 }
 
-impl<W: FutexWord32> crate::wait::Bell for HostBell<'_, W> {
+impl<W: FutexWord<V = u32>> crate::wait::Bell for HostBell<'_, W> {
     fn arm(&self) -> u32 {
         self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
         // As every arm (`shm.wake.park`); the re-check's C1 loads are SeqCst as well.

@@ -84,7 +84,7 @@ impl<C, F> Clone for RingView<'_, C, F> {
 
 impl<C, F> Copy for RingView<'_, C, F> {}
 
-impl<'a, C: FutexWord, F: Atom<V = u32>> RingView<'a, C, F> {
+impl<'a, C: FutexWord<V = u64>, F: Atom<V = u32>> RingView<'a, C, F> {
     /// A view over a header and its descriptor words.
     ///
     /// Panics if `capacity` is not a power of two or `descs` does not hold exactly
@@ -319,7 +319,7 @@ impl Producer {
     /// Whether one more descriptor fits, refreshing the cached consumer counter only
     /// when the cache says the ring is full.
     // shm[impl shm.ring.full]
-    pub fn has_space<C: FutexWord, F: Atom<V = u32>>(
+    pub fn has_space<C: FutexWord<V = u64>, F: Atom<V = u32>>(
         &mut self,
         ring: &RingView<'_, C, F>,
     ) -> Result<bool, Violation> {
@@ -338,7 +338,7 @@ impl Producer {
 
     /// Publishes `desc` (its `seq` is set to the position it lands at).
     // shm[impl shm.ring.produce]
-    pub fn push<C: FutexWord, F: Atom<V = u32>>(
+    pub fn push<C: FutexWord<V = u64>, F: Atom<V = u32>>(
         &mut self,
         ring: &RingView<'_, C, F>,
         mut desc: Descriptor,
@@ -384,7 +384,7 @@ impl Consumer {
     /// A consumer that starts where the ring's shared consumer counter is: a guest
     /// resuming a ring whose earlier consumer died (`shm.delivery.at-least-once`).
     /// The counters are validated like any others.
-    pub fn resume<C: FutexWord, F: Atom<V = u32>>(
+    pub fn resume<C: FutexWord<V = u64>, F: Atom<V = u32>>(
         ring: &RingView<'_, C, F>,
     ) -> Result<Self, Violation> {
         let head = ring.header.head.load(Ordering::Acquire);
@@ -398,7 +398,7 @@ impl Consumer {
     /// loaded only when the stamp says the entry is not published.
     // shm[impl shm.ring.consume]
     // shm[impl shm.ring.validate]
-    pub fn peek<C: FutexWord, F: Atom<V = u32>>(
+    pub fn peek<C: FutexWord<V = u64>, F: Atom<V = u32>>(
         &mut self,
         ring: &RingView<'_, C, F>,
     ) -> Result<Option<Descriptor>, Violation> {
@@ -438,7 +438,7 @@ impl Consumer {
     /// Descriptors published but not consumed, from the validated shared tail.
     /// An entry whose stamp is published but whose tail store never came (its
     /// producer died between P2 and P3) counts: it is published.
-    pub fn pending<C: FutexWord, F: Atom<V = u32>>(
+    pub fn pending<C: FutexWord<V = u64>, F: Atom<V = u32>>(
         &mut self,
         ring: &RingView<'_, C, F>,
     ) -> Result<u32, Violation> {
@@ -453,7 +453,7 @@ impl Consumer {
 
     /// Consumes the descriptor last returned by `peek`.
     // shm[impl shm.ring.consume]
-    pub fn advance<C: FutexWord, F: Atom<V = u32>>(&mut self, ring: &RingView<'_, C, F>) {
+    pub fn advance<C: FutexWord<V = u64>, F: Atom<V = u32>>(&mut self, ring: &RingView<'_, C, F>) {
         // (C3) Store head: Release so our reads of the entry happen before the
         // producer reuses it (pairs with P1); SeqCst orders it before C4's flag load.
         self.head = self.head.wrapping_add(1);
@@ -477,7 +477,7 @@ impl<C, F> Clone for CounterBell<'_, C, F> {
 
 impl<C, F> Copy for CounterBell<'_, C, F> {}
 
-impl<C: FutexWord, F: Atom<V = u32>> CounterBell<'_, C, F> {
+impl<C: FutexWord<V = u64>, F: Atom<V = u32>> CounterBell<'_, C, F> {
     /// Marks the waiter parked on its doorbell (SeqCst, like [`Bell::arm`]: the
     /// caller re-checks its condition after this, then waits on the doorbell).
     ///
@@ -498,7 +498,7 @@ impl<C: FutexWord, F: Atom<V = u32>> CounterBell<'_, C, F> {
     }
 }
 
-impl<C: FutexWord, F: Atom<V = u32>> crate::wait::Bell for CounterBell<'_, C, F> {
+impl<C: FutexWord<V = u64>, F: Atom<V = u32>> crate::wait::Bell for CounterBell<'_, C, F> {
     fn arm(&self) -> u32 {
         self.parked.store(PARKED_FUTEX, Ordering::SeqCst);
         // Orders the flag before every load of the re-check, including those of a

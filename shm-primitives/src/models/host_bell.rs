@@ -40,7 +40,7 @@ use super::ring::{message, Ring};
 use crate::desc::Descriptor;
 use crate::doorbell::NOT_PARKED;
 use crate::freelist::Atom;
-use crate::futex::FutexWord32;
+use crate::futex::FutexWord;
 use crate::header::HostBell;
 use crate::ring::{Consumer, Producer};
 use crate::violation::Violation;
@@ -90,7 +90,7 @@ impl Atom for Word {
     }
 }
 
-impl FutexWord32 for Word {
+impl FutexWord for Word {
     fn futex_wait(&self, expected: u32, timeout: Duration) {
         self.0.futex_wait(expected, timeout);
     }

@@ -33,7 +33,7 @@ use loom::sync::{Condvar, Mutex};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::futex::{FutexWord, FutexWord32};
+use crate::futex::FutexWord;
 
 /// Runs `f` under loom with at most `bound` preemptions (`None`: every interleaving),
 /// unless `LOOM_MAX_PREEMPTIONS` says otherwise. The models whose every interleaving
@@ -57,19 +57,29 @@ loom::lazy_static! {
 /// that stores and then wakes either is seen by the check or wakes the sleeper; a
 /// waker that never calls wake wakes nobody. The stand-in sleeps without a timeout, so
 /// a lost wakeup leaves the waiter blocked and loom reports the deadlock.
+fn futex_wait(still_expected: impl FnOnce() -> bool) {
+    let (lock, sleepers) = &*FUTEX;
+    let guard = lock.lock().unwrap();
+    if still_expected() {
+        drop(sleepers.wait(guard).unwrap());
+    }
+}
+
+/// The stand-in's `FUTEX_WAKE`: wakes every sleeper of the bucket.
+fn futex_wake() {
+    let (lock, sleepers) = &*FUTEX;
+    let _guard = lock.lock().unwrap();
+    sleepers.notify_all();
+}
+
+/// The stand-in over a ring counter (the kernel compares its low half).
 impl FutexWord for AtomicU64 {
     fn futex_wait(&self, expected: u32, _timeout: Duration) {
-        let (lock, sleepers) = &*FUTEX;
-        let guard = lock.lock().unwrap();
-        if self.load(Ordering::Relaxed) as u32 == expected {
-            drop(sleepers.wait(guard).unwrap());
-        }
+        futex_wait(|| self.load(Ordering::Relaxed) as u32 == expected);
     }
 
     fn futex_wake(&self) {
-        let (lock, sleepers) = &*FUTEX;
-        let _guard = lock.lock().unwrap();
-        sleepers.notify_all();
+        futex_wake();
     }
 
     fn futex_bump(&self) {
@@ -81,20 +91,14 @@ impl FutexWord for AtomicU64 {
     }
 }
 
-/// The same futex stand-in over a 32-bit word (the header's host bell).
-impl FutexWord32 for AtomicU32 {
+/// The stand-in over a 32-bit word (the header's host bell and readiness word).
+impl FutexWord for AtomicU32 {
     fn futex_wait(&self, expected: u32, _timeout: Duration) {
-        let (lock, sleepers) = &*FUTEX;
-        let guard = lock.lock().unwrap();
-        if self.load(Ordering::Relaxed) == expected {
-            drop(sleepers.wait(guard).unwrap());
-        }
+        futex_wait(|| self.load(Ordering::Relaxed) == expected);
     }
 
     fn futex_wake(&self) {
-        let (lock, sleepers) = &*FUTEX;
-        let _guard = lock.lock().unwrap();
-        sleepers.notify_all();
+        futex_wake();
     }
 
     fn futex_bump(&self) {
