@@ -89,9 +89,12 @@ pub unsafe fn copy_to_shared(src: &[u8], dst: *mut u8) {
     }
     for i in 0..words {
         let at = head + i * WORD;
-        let value = u64::from_ne_bytes(src[at..at + WORD].try_into().expect("a word"));
-        // SAFETY: word `i` after the head lies inside the span and is 8-aligned.
-        unsafe { AtomicU64::from_ptr(dst.add(at).cast::<u64>()) }.store(value, Ordering::Relaxed);
+        // SAFETY: word `i` after the head lies inside both spans and is 8-aligned in
+        // the destination; the source may be unaligned, hence the unaligned read.
+        unsafe {
+            let value = src.as_ptr().add(at).cast::<u64>().read_unaligned();
+            AtomicU64::from_ptr(dst.add(at).cast::<u64>()).store(value, Ordering::Relaxed);
+        }
     }
 }
 
